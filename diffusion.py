@@ -1,0 +1,327 @@
+"""
+The Gaussian diffusion process of Improved DDPM (Nichol & Dhariwal 2021, arXiv:2102.09672), in one class.
+
+Forward process  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)                   (DDPM eq. 4)
+Reverse process  p(x_{t-1} | x_t) = N(mu(x_t, t), Sigma(x_t, t))                      (eq. 2)
+The network predicts the noise eps (-> mu, eq. 10-11) and a per-pixel value v that interpolates
+log Sigma between log beta_t and log beta~_t (eq. 15). It is trained on L_hybrid = L_simple + 0.001 L_vlb
+(eq. 16), optionally with importance-sampled timesteps (eq. 18), and sampled with any number of steps (sec. 4)
+by ancestral sampling or DDIM.
+
+Indices are 0-based: t = 0 is the first noising step (the paper's t = 1), t = T-1 the last.
+Schedule arrays are float64; they are cast to the data's precision (at least float32) where they are used, so
+the loss and posterior arithmetic never run in bf16/fp16 even when the network does.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+HISTORY_PER_TERM = 10  # sec. 3.3: keep the last 10 losses of every t for importance sampling
+UNIFORM_SHARE = 0.001  # sec. 3.3: mix a little of the uniform distribution into p_t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules and Gaussian helpers
+
+
+def make_betas(noise_schedule, num_timesteps):
+    """beta_t for t = 0..T-1, float64."""
+    if noise_schedule == "linear":
+        # DDPM's 1e-4 .. 0.02 for T = 1000, scaled so that other T give the same overall noise (Improved DDPM code)
+        scale = 1000 / num_timesteps
+        return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    if noise_schedule == "cosine":
+        # eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2); the small offset s keeps
+        # beta_t from being vanishingly small near t = 0. Clipping at 0.999 prevents a singularity at t = T.
+        s = 0.008
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        alphas_cumprod = f / f[0]
+        return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown noise_schedule {noise_schedule!r}: use 'cosine' or 'linear'")
+
+
+def schedule_arrays(betas):
+    """Every float64 array the process needs, derived from beta_1..T (also used for respaced processes)."""
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=betas.dtype, device=betas.device), alphas_cumprod[:-1]])
+    # posterior q(x_{t-1} | x_t, x_0), DDPM eq. 6-7
+    posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+    # beta~_0 = 0 would give log(0): clip the first entry to beta~_1 (the decoder at t = 0 needs a finite log)
+    posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+    return dict(
+        betas=betas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        posterior_variance=posterior_variance,
+        posterior_log_variance=posterior_log_variance,
+        posterior_mean_coef_x0=betas * torch.sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod),
+        posterior_mean_coef_xt=(1 - alphas_cumprod_prev) * torch.sqrt(1 - betas) / (1 - alphas_cumprod),
+        log_betas=torch.log(betas),
+        # the fixed "large" variance of DDPM: Sigma = beta_t, with beta~_1 at t = 0 where beta_0 is too small
+        fixed_log_variance=torch.log(torch.cat([posterior_variance[1:2], betas[1:]])),
+    )
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) in nats, elementwise, of data x in [-1, 1] quantised to 256 levels (bins of width 2/255) under
+    N(means, exp(log_scales)^2); the edge bins extend to -inf and +inf so the 256 probabilities sum to 1
+    (DDPM sec. 3.3, eq. 13)."""
+    inv_std = torch.exp(-log_scales)
+    cdf_upper = torch.special.ndtr(inv_std * (x - means + 1 / 255))
+    cdf_lower = torch.special.ndtr(inv_std * (x - means - 1 / 255))
+    log_cdf_upper = torch.log(cdf_upper.clamp(min=1e-12))  # the bin (-inf, x + 1/255] at x = -1
+    log_one_minus_cdf_lower = torch.log((1 - cdf_lower).clamp(min=1e-12))  # the bin [x - 1/255, inf) at x = 1
+    log_bin = torch.log((cdf_upper - cdf_lower).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_bin))
+
+
+def mean_flat(x):
+    """Mean over every dimension but the batch: (B, ...) -> (B,)."""
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+def at_least_float32(x):
+    """Loss and posterior arithmetic stays in float32 (or float64) even when the network ran in bf16/fp16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def at(array, t, x):
+    """array[t] for a batch of timesteps t, shaped (B, 1, 1, 1) to broadcast against x, in x's precision
+    (at least float32)."""
+    values = array.to(t.device)[t].to(torch.promote_types(x.dtype, torch.float32))
+    return values.view(-1, *([1] * (x.dim() - 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The process
+
+
+class GaussianDiffusion(nn.Module):
+    def __init__(self, num_timesteps=1000, noise_schedule="cosine", learn_sigma=True, loss_type="hybrid",
+                 importance_sampling=False):
+        super().__init__()
+        if loss_type not in ("mse", "hybrid", "kl"):
+            raise ValueError(f"unknown loss_type {loss_type!r}: use 'mse', 'hybrid' or 'kl'")
+        self.num_timesteps = num_timesteps
+        self.learn_sigma = learn_sigma
+        self.loss_type = loss_type
+        self.importance_sampling = importance_sampling
+        # The schedule is rebuilt from the config: buffers so it follows .to(device), but not in the state_dict.
+        schedule = schedule_arrays(make_betas(noise_schedule, num_timesteps))
+        for name, array in schedule.items():
+            self.register_buffer(name, array, persistent=False)
+        self.schedule_names = list(schedule)
+        # Importance sampling (sec. 3.3): a ring buffer of the last 10 losses of every t and how many were seen.
+        # Buffers in the state_dict, so a resumed run samples t exactly as the interrupted one would have.
+        self.register_buffer("loss_history", torch.zeros(num_timesteps, HISTORY_PER_TERM, dtype=torch.float64))
+        self.register_buffer("loss_counts", torch.zeros(num_timesteps, dtype=torch.int64))
+
+    def arrays(self):
+        """The schedule arrays of the original T-step process, by name."""
+        return {name: getattr(self, name) for name in self.schedule_names}
+
+    def schedule(self, steps=None):
+        """(timesteps, arrays) of the process sampled with `steps` steps (sec. 4). timesteps[i] is the original
+        t of respaced step i; arrays are indexed by i. steps=None or T gives the original process."""
+        T = self.num_timesteps
+        if steps is None or steps == T:
+            return torch.arange(T, device=self.betas.device), self.arrays()
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps={steps} must be between 1 and num_timesteps={T}")
+        timesteps = torch.linspace(0, T - 1, steps, device=self.betas.device).round().long()  # 0 ... T-1
+        # Keep abar at the chosen steps; beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}} makes a process with
+        # exactly those marginals, so the same network (trained on all t) serves it.
+        alphas_cumprod = self.alphas_cumprod[timesteps]
+        previous = torch.cat([torch.ones_like(alphas_cumprod[:1]), alphas_cumprod[:-1]])
+        return timesteps, schedule_arrays(1 - alphas_cumprod / previous)
+
+    # -- forward process and its posterior -------------------------------------------------------------------
+
+    def q_sample(self, x0, t, noise=None):
+        """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)  (DDPM eq. 4)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        abar = at(self.alphas_cumprod, t, x0)
+        return torch.sqrt(abar) * x0 + torch.sqrt(1 - abar) * noise
+
+    def q_posterior(self, x0, x_t, t, arrays=None):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)  (DDPM eq. 6-7)."""
+        arrays = arrays or self.arrays()
+        mean = at(arrays["posterior_mean_coef_x0"], t, x_t) * x0 + at(arrays["posterior_mean_coef_xt"], t, x_t) * x_t
+        variance = at(arrays["posterior_variance"], t, x_t).expand_as(x_t)
+        log_variance = at(arrays["posterior_log_variance"], t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    # -- reverse process -------------------------------------------------------------------------------------
+
+    def p_mean_variance(self, model, x_t, t, clip_denoised=True, model_kwargs=None):
+        """Mean and variance of p(x_{t-1} | x_t) and the predicted x_0, from one call of the network."""
+        model_output = model(x_t, t, **(model_kwargs or {}))
+        return self.output_to_distribution(model_output, x_t, t, clip_denoised)
+
+    def output_to_distribution(self, model_output, x_t, t, clip_denoised, arrays=None):
+        """The network's output (B, 2C, H, W) = [eps, u] (or (B, C, H, W) = eps) -> p(x_{t-1} | x_t).
+        `t` indexes `arrays` (those of a respaced process when sampling with fewer steps)."""
+        arrays = arrays or self.arrays()
+        model_output = at_least_float32(model_output)
+        C = x_t.shape[1]
+        eps = model_output[:, :C]
+        if self.learn_sigma:
+            # eq. 15: Sigma = exp(v log beta_t + (1 - v) log beta~_t), v = (u + 1) / 2, u unclamped. The network
+            # only picks a point between the two bounds of DDPM, which is far easier than predicting Sigma.
+            v = (model_output[:, C:] + 1) / 2
+            log_variance = v * at(arrays["log_betas"], t, x_t) + (1 - v) * at(arrays["posterior_log_variance"], t, x_t)
+        else:
+            log_variance = at(arrays["fixed_log_variance"], t, x_t).expand_as(x_t)
+        # DDPM eq. 4 solved for x_0 with the predicted noise; clipping to the data range helps sampling
+        abar = at(arrays["alphas_cumprod"], t, x_t)
+        pred_x0 = (x_t - torch.sqrt(1 - abar) * eps) / torch.sqrt(abar)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
+        mean, _, _ = self.q_posterior(pred_x0, x_t, t, arrays)  # DDPM eq. 7 with x_0 replaced by its estimate
+        return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_x0=pred_x0)
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def vb_terms(self, model_output, x0, x_t, t, clip_denoised=False):
+        """L_t of the variational bound in bits/dim, (B,): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
+        the discretized decoder NLL -log p(x_0 | x_1) for t = 0  (DDPM eq. 5, Improved DDPM eq. 4-6)."""
+        true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
+        p = self.output_to_distribution(model_output, x_t, t, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / math.log(2)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / math.log(2)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(self, model, x0, t, noise=None, model_kwargs=None):
+        """Per-example losses (B,): "loss" to minimise, "mse" (L_simple) and "vb" (L_t in bits/dim)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        model_output = at_least_float32(model(x_t, t, **(model_kwargs or {})))  # (B, 2C or C, H, W)
+        C = x0.shape[1]
+        mse = mean_flat((noise - model_output[:, :C]) ** 2)  # L_simple, DDPM eq. 14
+        if self.loss_type == "mse":
+            return dict(loss=mse, mse=mse)
+        if self.loss_type == "hybrid":
+            # eq. 16: L_simple trains the mean; stop the gradient of L_vlb into eps so it trains Sigma alone
+            eps, u = model_output[:, :C].detach(), model_output[:, C:]
+            vb = self.vb_terms(torch.cat([eps, u], dim=1), x0, x_t, t)
+            # lambda = 0.001 is set for T = 1000, where L_vlb = sum over T terms ~ T * E_t[L_t]
+            return dict(loss=mse + vb * self.num_timesteps / 1000, mse=mse, vb=vb)
+        vb = self.vb_terms(model_output, x0, x_t, t)
+        return dict(loss=vb * self.num_timesteps, mse=mse, vb=vb)  # L_vlb = T * E_t[L_t], estimated by one t
+
+    # -- importance sampling of t (sec. 3.3, eq. 18) ---------------------------------------------------------
+
+    def sample_timesteps(self, batch_size, device):
+        """t (B,) and weights (B,) with E[weight * L_t] = the uniform mean of L_t."""
+        T = self.num_timesteps
+        if not self.importance_sampling:
+            return torch.randint(0, T, (batch_size,), device=device), torch.ones(batch_size, device=device)
+        # p_t ∝ sqrt(E[L_t^2]) once every t has 10 losses, uniform before. Decided with torch.where, not an
+        # `if`, so the choice costs no host-device sync in the training loop.
+        warmed_up = (self.loss_counts >= HISTORY_PER_TERM).all()
+        p = torch.sqrt((self.loss_history ** 2).mean(dim=1))
+        p = (1 - UNIFORM_SHARE) * p / p.sum().clamp(min=1e-300) + UNIFORM_SHARE / T
+        p = torch.where(warmed_up, p, torch.full_like(p, 1 / T)).to(device)
+        t = torch.multinomial(p, batch_size, replacement=True)
+        weights = torch.where(warmed_up.to(device), 1 / (T * p[t]), torch.ones_like(p[t]))
+        return t, weights.float()
+
+    @torch.no_grad()
+    def update_loss_history(self, t, losses):
+        """Record per-example losses of a batch. Under torch.distributed every rank records all ranks' losses,
+        so every rank keeps the same history and draws t from the same distribution."""
+        t, losses = t.to(self.loss_history.device), losses.detach().to(self.loss_history)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t, losses = all_gather_cat(t), all_gather_cat(losses)
+        # Each example goes to slot (count_t + k) % 10 of its t's ring buffer, k = how many earlier examples of
+        # the batch had the same t. If a t appears more than 10 times, the latest example wins its slot.
+        same_t = t[:, None] == t[None, :]  # (B, B)
+        k = same_t.tril(diagonal=-1).sum(dim=1)
+        slot = t * HISTORY_PER_TERM + (self.loss_counts[t] + k) % HISTORY_PER_TERM
+        order = torch.arange(len(t), device=t.device)
+        latest = torch.full((self.loss_history.numel(),), -1, device=t.device).scatter_reduce(0, slot, order, "amax")
+        history = self.loss_history.view(-1)
+        history.copy_(torch.where(latest >= 0, losses[latest.clamp(min=0)], history))
+        self.loss_counts += torch.bincount(t, minlength=self.num_timesteps)
+
+    # -- sampling --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_progressive(self, model, shape, steps=None, ddim=False, eta=0.0, noise=None, clip_denoised=True,
+                           model_kwargs=None, device=None, progress=False):
+        """Run the reverse process from x_T ~ N(0, I), yielding dict(t, x, pred_x0) after every step.
+        steps < T samples a respaced process (sec. 4); ddim=True uses DDIM's update (Song et al. 2020, eq. 12)."""
+        if noise is not None:
+            device = noise.device
+        elif device is None:
+            parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
+            device = next(parameters, torch.empty(0)).device
+        x = noise if noise is not None else torch.randn(*shape, device=device)  # x_T
+        timesteps, arrays = self.schedule(steps)
+        timesteps = timesteps.to(device)
+        B = x.shape[0]
+        indices = reversed(range(len(timesteps)))
+        for i in tqdm(indices, total=len(timesteps), desc="sampling", disable=not progress, leave=False):
+            step = torch.full((B,), i, device=device, dtype=torch.long)  # index into the respaced arrays
+            t = timesteps[step]  # the original timestep, which is what the network was trained on
+            p = self.output_to_distribution(model(x, t, **(model_kwargs or {})), x, step, clip_denoised, arrays)
+            not_last = float(i > 0)  # no noise is added when producing x_0
+            if ddim:
+                # DDIM: recompute eps from the clipped x_0 so that x_{t-1} stays consistent with it
+                abar, abar_prev = at(arrays["alphas_cumprod"], step, x), at(arrays["alphas_cumprod_prev"], step, x)
+                eps = (x - torch.sqrt(abar) * p["pred_x0"]) / torch.sqrt(1 - abar)
+                sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+                x = (torch.sqrt(abar_prev) * p["pred_x0"] + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+                     + not_last * sigma * torch.randn_like(x))
+            else:
+                x = p["mean"] + not_last * torch.exp(0.5 * p["log_variance"]) * torch.randn_like(x)
+            yield dict(t=t, x=x, pred_x0=p["pred_x0"])
+
+    @torch.no_grad()
+    def sample(self, model, shape, steps=None, ddim=False, eta=0.0, noise=None, clip_denoised=True,
+               model_kwargs=None, device=None, progress=False):
+        """Samples x_0 in [-1, 1] of the given shape (B, C, H, W)."""
+        for out in self.sample_progressive(model, shape, steps, ddim, eta, noise, clip_denoised, model_kwargs,
+                                           device, progress):
+            x = out["x"]
+        return x.clamp(-1, 1)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def bpd(self, model, x0, clip_denoised=True, model_kwargs=None, progress=False):
+        """The full variational bound in bits/dim (the paper's NLL, e.g. 2.94 on CIFAR-10): every L_t, t = 0..T-1,
+        each on a fresh x_t ~ q(x_t | x_0), plus the prior term L_T = KL(q(x_T | x_0) || N(0, I))."""
+        B, T = x0.shape[0], self.num_timesteps
+        vb, mse = torch.zeros(B, T, device=x0.device), torch.zeros(B, T, device=x0.device)
+        for step in tqdm(range(T), desc="bits/dim", disable=not progress, leave=False):
+            t = torch.full((B,), step, device=x0.device, dtype=torch.long)
+            noise = torch.randn_like(x0)
+            x_t = self.q_sample(x0, t, noise)
+            model_output = at_least_float32(model(x_t, t, **(model_kwargs or {})))
+            vb[:, step] = self.vb_terms(model_output, x0, x_t, t, clip_denoised)
+            mse[:, step] = mean_flat((noise - model_output[:, :x0.shape[1]]) ** 2)
+        last = torch.full((B,), T - 1, device=x0.device, dtype=torch.long)
+        abar = at(self.alphas_cumprod, last, x0)
+        prior = normal_kl(torch.sqrt(abar) * x0, torch.log(1 - abar), torch.zeros_like(x0), torch.zeros_like(x0))
+        prior_bpd = mean_flat(prior) / math.log(2)
+        return dict(total_bpd=vb.sum(dim=1) + prior_bpd, prior_bpd=prior_bpd, vb=vb, mse=mse)
+
+
+def all_gather_cat(x):
+    """Concatenate a tensor of the same shape from every rank, in rank order (identical on every rank)."""
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x)
+    return torch.cat(gathered)
