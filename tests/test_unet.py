@@ -1,0 +1,154 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unet import Attention, ResBlock, UNet, timestep_embedding
+
+# small enough that the whole file runs in seconds on 2 CPU cores
+SMALL = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,), dropout=0.0)
+
+
+def perturbed(model, std=0.05):
+    """The model with every weight moved off its initial value, so zero-initialised paths carry signal."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def train_steps(model, steps, conditional):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = torch.randn(4, 3, 16, 16)
+        t = torch.randint(0, 1000, (4,))
+        y = torch.randint(0, 10, (4,)) if conditional else None
+        loss = (model(x, t, y) - torch.randn(4, 6, 16, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_output_shape(image_size, learn_sigma, num_classes):
+    model = UNet(image_size=image_size, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                 attention_resolutions=(16,), learn_sigma=learn_sigma, num_classes=num_classes)
+    x = torch.randn(2, 3, image_size, image_size)
+    y = torch.tensor([0, 9]) if num_classes else None
+    out = model(x, torch.tensor([0, 999]), y)
+    assert out.shape == (2, 6 if learn_sigma else 3, image_size, image_size)
+    assert out.dtype == torch.float32
+
+
+def test_default_config_matches_improved_ddpm_layout():
+    model = UNet()
+    # parameter count of openai/improved-diffusion's UNetModel at the same config (scale-shift norm, 4 heads)
+    assert sum(p.numel() for p in model.parameters()) == 92_029_190
+    # attention in the 2 encoder + 3 decoder blocks at 16x16 and at 8x8, and once in the middle
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 2 * 2 + 1 + 2 * 3
+    assert len(model.encoder) == 4 * 2 + 3 and len(model.decoder) == 4 * 3
+
+
+def test_timestep_embedding_closed_form():
+    emb = timestep_embedding(torch.tensor([0, 7]), 8)  # frequencies 10000^(-i/4), i = 0..3
+    assert torch.equal(emb[0], torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]))
+    freqs = torch.tensor([10000 ** (-i / 4) for i in range(4)])
+    assert torch.allclose(emb[1], torch.cat([torch.cos(7 * freqs), torch.sin(7 * freqs)]))
+
+
+def test_zero_at_init_then_not_after_one_step():
+    torch.manual_seed(0)
+    model = UNet(image_size=16, **SMALL)
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([1, 10, 100, 999])
+    assert torch.equal(model(x, t), torch.zeros(4, 6, 16, 16))
+    # every block starts as the identity: its residual branch ends in a zero-initialised layer
+    h, emb = torch.randn(2, 32, 16, 16), torch.randn(2, 128)
+    assert torch.equal(ResBlock(32, 32, 128, 0.0)(h, emb), h)
+    assert torch.equal(Attention(32, 4)(h), h)
+
+    train_steps(model, 1, conditional=False)
+    assert model(x, t).abs().mean() > 1e-4  # Adam moved the output conv by ~lr
+
+
+def test_output_depends_on_t_and_y():
+    torch.manual_seed(0)
+    model = train_steps(UNet(image_size=16, num_classes=10, **SMALL), 5, conditional=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    t, y = torch.tensor([10, 10]), torch.tensor([3, 3])
+    out = model(x, t, y)
+    # after a few Adam steps of lr 1e-3 the weights behind t and y have moved by ~1e-3; expect a change that size
+    assert (model(x, torch.tensor([900, 900]), y) - out).abs().max() > 1e-4
+    assert (model(x, t, torch.tensor([7, 7])) - out).abs().max() > 1e-4
+    assert torch.equal(model(x, t, y), out)  # eval mode is deterministic, so the differences above are real
+
+
+def test_attention_matches_softmax_formula():
+    torch.manual_seed(0)
+    B, C, H, W, heads = 2, 32, 4, 5, 4
+    block = perturbed(Attention(C, heads).double(), std=0.5)
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+
+    # GroupNorm by hand: 32 groups of 1 channel, statistics over each group's positions
+    xs = x.reshape(B, 32, -1)
+    xn = ((xs - xs.mean(-1, keepdim=True)) / torch.sqrt(xs.var(-1, unbiased=False, keepdim=True) + 1e-5))
+    xn = xn.reshape(B, C, H * W) * block.norm.weight[:, None] + block.norm.bias[:, None]
+    qkv = torch.einsum("oc,bcl->bol", block.qkv.weight[:, :, 0, 0], xn) + block.qkv.bias[:, None]  # (B, 3C, L)
+    d = C // heads
+    q, k, v = (qkv[:, i * C:(i + 1) * C].reshape(B, heads, d, H * W) for i in range(3))  # (B, heads, d, L)
+    weights = torch.softmax(torch.einsum("bhdl,bhdm->bhlm", q, k) / math.sqrt(d), dim=-1)  # (B, heads, L, L)
+    out = torch.einsum("bhlm,bhdm->bhdl", weights, v).reshape(B, C, H * W)
+    out = torch.einsum("oc,bcl->bol", block.proj.weight[:, :, 0, 0], out) + block.proj.bias[:, None]
+    expected = x + out.reshape(B, C, H, W)
+
+    assert torch.allclose(block(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention_resolutions, expected_lengths", [
+    ((16,), [64, 256, 256, 256]),  # encoder 1 + decoder 2 at 16x16, the middle at 8x8
+    ((8,), [64, 64, 64, 64]),  # encoder 1 + middle + decoder 2, all at 8x8
+])
+def test_attention_runs_at_the_configured_resolution(attention_resolutions, expected_lengths):
+    model = UNet(image_size=16, **dict(SMALL, attention_resolutions=attention_resolutions))
+    lengths = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.register_forward_hook(lambda mod, inputs, output: lengths.append(inputs[0][0, 0].numel()))
+    model(torch.randn(1, 3, 16, 16), torch.tensor([5]))
+    assert sorted(lengths) == expected_lengths
+
+
+def test_time_embedding_computed_once_per_forward():
+    model = UNet(image_size=16, **SMALL)
+    calls = []
+    model.time_embed.register_forward_hook(lambda mod, inputs, output: calls.append(output.shape))
+    model(torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3]))
+    assert calls == [(3, 128)]
+
+
+def test_channels_last_and_bf16_autocast_match_fp32():
+    torch.manual_seed(0)
+    model = perturbed(UNet(image_size=32, num_classes=10, **SMALL)).eval()
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.tensor([1, 2])
+    reference = model(x, t, y)
+    assert reference.abs().max() > 0.1
+
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    out_cl = model_cl(x.to(memory_format=torch.channels_last), t, y)
+    assert torch.allclose(out_cl, reference, rtol=0, atol=1e-4)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_bf16 = model(x, t, y)
+    assert out_bf16.dtype == torch.bfloat16
+    # bf16 keeps ~3 significant digits; through ~10 layers that leaves a few percent of the output scale
+    assert (out_bf16.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_compiles_without_graph_breaks():
+    model = UNet(image_size=16, num_classes=10, **SMALL)
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([3, 4]))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

@@ -1,0 +1,212 @@
+"""
+The noise-prediction network: the U-Net of DDPM (Ho et al. 2020, App. B) with the changes of Improved DDPM
+(Nichol & Dhariwal 2021, App. A): 4 attention heads, attention at 16x16 and 8x8, the timestep injected by
+scale-shift, and an output of 2*in_channels when the variance is learned (eps, then v of eq. 15).
+
+Default configuration, UNet() for 64x64 images, as print(UNet()) lists it. The encoder pushes input_conv's
+output and every entry's output as a skip; each decoder entry first concatenates the last skip pushed, so its
+ResBlock takes h's channels + the skip's (decoder 0: 512 + 512 from encoder 10). Attention has 4 heads.
+
+    64x64   input_conv 3 -> 128
+            encoder 0-1   ResBlock(128 -> 128), ResBlock(128 -> 128)
+            encoder 2     Downsample(128)
+    32x32   encoder 3-4   ResBlock(128 -> 256), ResBlock(256 -> 256)
+            encoder 5     Downsample(256)
+    16x16   encoder 6-7   ResBlock(256 -> 384) + Attention, ResBlock(384 -> 384) + Attention
+            encoder 8     Downsample(384)
+     8x8    encoder 9-10  ResBlock(384 -> 512) + Attention, ResBlock(512 -> 512) + Attention
+     8x8    middle        ResBlock(512 -> 512) + Attention + ResBlock(512 -> 512)
+     8x8    decoder 0-2   ResBlock(512+512, 512+512, 512+384 -> 512) + Attention, then Upsample(512)
+    16x16   decoder 3-5   ResBlock(512+384, 384+384, 384+256 -> 384) + Attention, then Upsample(384)
+    32x32   decoder 6-8   ResBlock(384+256, 256+256, 256+128 -> 256), then Upsample(256)
+    64x64   decoder 9-11  ResBlock(256+128, 128+128, 128+128 -> 128)
+    64x64   out           GroupNorm, SiLU, Conv2d(128 -> 6): eps and v for the 3 colour channels
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def group_norm(channels):
+    # 32 groups as in DDPM; fewer when the channel count is small, so that the groups divide it
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_init(module):
+    # as in the released code of DDPM and Improved DDPM: a residual branch that starts at zero makes its block start
+    # as the identity, and the network's output starts at zero
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Transformer sinusoidal embedding of integer timesteps (DDPM App. B): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)  # (half,)
+    angles = t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs; the timestep enters between them as GroupNorm(h)*(1+scale)+shift (Improved DDPM App. A)."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, dropout):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_channels, 2 * out_channels)  # one scale and one shift per channel
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        # a 1x1 conv matches the channels of the skip path when the block changes them
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # (B, out, 1, 1) each
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+    def __repr__(self):
+        return f"ResBlock({self.conv1.in_channels} -> {self.conv1.out_channels})"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all H*W positions, so distant pixels can talk (DDPM App. B)."""
+
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)  # a 1x1 conv is a per-position linear layer
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W), channels ordered [q heads, k heads, v heads]
+        qkv = qkv.reshape(B, 3 * self.num_heads, C // self.num_heads, H * W).transpose(2, 3)  # (B, 3*heads, HW, d)
+        q, k, v = qkv.chunk(3, dim=1)  # (B, heads, HW, d) each
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, (B, heads, HW, d)
+        h = h.transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+    def __repr__(self):
+        return f"Attention({self.proj.in_channels}, heads={self.num_heads})"
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a learned stride-2 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+    def __repr__(self):
+        return f"Downsample({self.conv.in_channels})"
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour copying, then a conv to smooth the blocky result."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, C, 2H, 2W)
+
+    def __repr__(self):
+        return f"Upsample({self.conv.in_channels})"
+
+
+class EmbedSequential(nn.Sequential):
+    """One encoder/decoder entry, e.g. ResBlock + Attention; only the ResBlocks need the embedding."""
+
+    def forward(self, h, emb):
+        for layer in self:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def __repr__(self):
+        return " + ".join(repr(layer) for layer in self)
+
+
+class UNet(nn.Module):
+    """x (B, in_channels, H, W), t (B,) int64 timesteps, y (B,) int64 labels iff num_classes is set ->
+    (B, 2*in_channels, H, W) = [eps, v] if learn_sigma else eps (B, in_channels, H, W).
+    attention_resolutions are feature-map sizes in pixels (16: where the map is 16x16 when the input is
+    image_size x image_size); image_size matters only for that."""
+
+    def __init__(self, image_size=64, in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                 attention_resolutions=(16, 8), num_heads=4, dropout=0.1, learn_sigma=True, num_classes=None):
+        super().__init__()
+        self.num_classes = num_classes
+        emb_channels = 4 * base_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        self.label_embed = nn.Embedding(num_classes, emb_channels) if num_classes is not None else None
+
+        # encoder: per level, num_res_blocks ResBlocks, then halve the resolution (except at the last level)
+        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        skip_channels = [base_channels]  # channels of every skip the encoder pushes, for the decoder to pop
+        ch, resolution = base_channels, image_size
+        encoder = []
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, base_channels * mult, emb_channels, dropout)]
+                ch = base_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(Attention(ch, num_heads))
+                encoder.append(EmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                encoder.append(EmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                resolution //= 2
+        self.encoder = nn.Sequential(*encoder)
+
+        self.middle = EmbedSequential(
+            ResBlock(ch, ch, emb_channels, dropout), Attention(ch, num_heads), ResBlock(ch, ch, emb_channels, dropout))
+
+        # decoder: mirror image, with one extra ResBlock per level to consume the skip of the Downsample / input conv
+        decoder = []
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_channels, dropout)]
+                ch = base_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(Attention(ch, num_heads))
+                if level != 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    resolution *= 2
+                decoder.append(EmbedSequential(*layers))
+        self.decoder = nn.Sequential(*decoder)
+
+        # learn_sigma: the extra in_channels outputs are v, which interpolates the log-variance (eq. 15)
+        out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    def forward(self, x, t, y=None):
+        assert (y is not None) == (self.num_classes is not None), "pass y exactly when the model is class-conditional"
+        # the embedding is computed once here and shared by every ResBlock
+        emb = self.time_embed(timestep_embedding(t, self.input_conv.out_channels))  # (B, 4*base)
+        if y is not None:
+            emb = emb + self.label_embed(y)
+        emb = F.silu(emb)  # every ResBlock's emb_proj starts with this SiLU in the paper's code; do it once
+
+        h = self.input_conv(x)  # (B, base, H, W)
+        skips = [h]
+        for block in self.encoder:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle(h, emb)  # (B, base*channel_mult[-1], H/2^(levels-1), W/2^(levels-1))
+        for block in self.decoder:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)  # (B, out_channels, H, W)
