@@ -57,6 +57,12 @@ def schedule_arrays(betas):
         betas=betas,
         alphas_cumprod=alphas_cumprod,
         alphas_cumprod_prev=alphas_cumprod_prev,
+        # sqrt(abar) and sqrt(1 - abar) taken here in float64: near t = 0, 1 - abar is ~1e-4 and forming it from a
+        # float32 abar would lose about four of float32's seven digits in x^_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=torch.sqrt(1 - alphas_cumprod),
+        sqrt_alphas_cumprod_prev=torch.sqrt(alphas_cumprod_prev),
+        one_minus_alphas_cumprod_prev=1 - alphas_cumprod_prev,
         posterior_variance=posterior_variance,
         posterior_log_variance=posterior_log_variance,
         posterior_mean_coef_x0=betas * torch.sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod),
@@ -151,8 +157,7 @@ class GaussianDiffusion(nn.Module):
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)  (DDPM eq. 4)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        abar = at(self.alphas_cumprod, t, x0)
-        return torch.sqrt(abar) * x0 + torch.sqrt(1 - abar) * noise
+        return at(self.sqrt_alphas_cumprod, t, x0) * x0 + at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def q_posterior(self, x0, x_t, t, arrays=None):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)  (DDPM eq. 6-7)."""
@@ -184,8 +189,9 @@ class GaussianDiffusion(nn.Module):
         else:
             log_variance = at(arrays["fixed_log_variance"], t, x_t).expand_as(x_t)
         # DDPM eq. 4 solved for x_0 with the predicted noise; clipping to the data range helps sampling
-        abar = at(arrays["alphas_cumprod"], t, x_t)
-        pred_x0 = (x_t - torch.sqrt(1 - abar) * eps) / torch.sqrt(abar)
+        sqrt_abar = at(arrays["sqrt_alphas_cumprod"], t, x_t)
+        sqrt_one_minus_abar = at(arrays["sqrt_one_minus_alphas_cumprod"], t, x_t)
+        pred_x0 = (x_t - sqrt_one_minus_abar * eps) / sqrt_abar
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t, arrays)  # DDPM eq. 7 with x_0 replaced by its estimate
@@ -280,10 +286,12 @@ class GaussianDiffusion(nn.Module):
             not_last = float(i > 0)  # no noise is added when producing x_0
             if ddim:
                 # DDIM: recompute eps from the clipped x_0 so that x_{t-1} stays consistent with it
-                abar, abar_prev = at(arrays["alphas_cumprod"], step, x), at(arrays["alphas_cumprod_prev"], step, x)
-                eps = (x - torch.sqrt(abar) * p["pred_x0"]) / torch.sqrt(1 - abar)
-                sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-                x = (torch.sqrt(abar_prev) * p["pred_x0"] + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+                # (DDIM eq. 12 and 16, with sigma_t = eta * sqrt(beta~_t))
+                eps = ((x - at(arrays["sqrt_alphas_cumprod"], step, x) * p["pred_x0"])
+                       / at(arrays["sqrt_one_minus_alphas_cumprod"], step, x))
+                sigma = eta * torch.sqrt(at(arrays["posterior_variance"], step, x))
+                x = (at(arrays["sqrt_alphas_cumprod_prev"], step, x) * p["pred_x0"]
+                     + torch.sqrt(at(arrays["one_minus_alphas_cumprod_prev"], step, x) - sigma ** 2) * eps
                      + not_last * sigma * torch.randn_like(x))
             else:
                 x = p["mean"] + not_last * torch.exp(0.5 * p["log_variance"]) * torch.randn_like(x)
@@ -314,8 +322,9 @@ class GaussianDiffusion(nn.Module):
             vb[:, step] = self.vb_terms(model_output, x0, x_t, t, clip_denoised)
             mse[:, step] = mean_flat((noise - model_output[:, :x0.shape[1]]) ** 2)
         last = torch.full((B,), T - 1, device=x0.device, dtype=torch.long)
-        abar = at(self.alphas_cumprod, last, x0)
-        prior = normal_kl(torch.sqrt(abar) * x0, torch.log(1 - abar), torch.zeros_like(x0), torch.zeros_like(x0))
+        mean = at(self.sqrt_alphas_cumprod, last, x0) * x0
+        log_variance = 2 * torch.log(at(self.sqrt_one_minus_alphas_cumprod, last, x0))
+        prior = normal_kl(mean, log_variance, torch.zeros_like(x0), torch.zeros_like(x0))
         prior_bpd = mean_flat(prior) / math.log(2)
         return dict(total_bpd=vb.sum(dim=1) + prior_bpd, prior_bpd=prior_bpd, vb=vb, mse=mse)
 
