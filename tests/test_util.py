@@ -1,0 +1,278 @@
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # util.py lives in the repo root, one level up
+import util  # noqa: E402
+
+WHITE, RED = (255, 255, 255), (255, 0, 0)
+NOTO = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+
+
+def numbers_of(folder):
+    """The N of every N.png in folder, sorted."""
+    return sorted(int(p.stem) for p in Path(folder).glob("*.png"))
+
+
+def colors(img):
+    """The set of distinct pixel values in img."""
+    return {color for count, color in img.getcolors()}
+
+
+def half_transparent(size=(40, 40)):
+    """RGBA: left half fully transparent *black*, right half opaque red."""
+    img = Image.new("RGBA", size, (0, 0, 0, 0))
+    img.paste((255, 0, 0, 255), (size[0] // 2, 0, size[0], size[1]))
+    return img
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def make_sources(tmp_path):
+    src1, src2 = tmp_path / "src1", tmp_path / "src2"
+    (src2 / "nested").mkdir(parents=True)
+    src1.mkdir(exist_ok=True)
+    Image.new("RGB", (120, 80), (0, 0, 255)).save(src1 / "photo.jpg")  # non-square
+    half_transparent((60, 60)).save(src1 / "rgba.png")
+    Image.new("L", (50, 50), 128).save(src1 / "gray.png")
+    Image.new("RGB", (20, 40), (0, 255, 0)).save(src1 / "tiny.png")  # short side 20 < min_size
+    (src1 / "x.png").write_bytes(b"this is not a png at all")
+    (src1 / "notes.txt").write_text("not an image")
+    palette = Image.new("P", (48, 48), 0)
+    palette.putpalette([10, 20, 30] * 256)
+    palette.info["transparency"] = 0  # palette index 0 is transparent: the whole image
+    palette.save(src2 / "nested" / "palette.png")
+    Image.new("CMYK", (64, 48), (0, 255, 255, 0)).save(src2 / "cmyk.jpg")
+    return src1, src2
+
+
+def test_prepare_cli_merges_sources_into_numbered_rgb_squares(tmp_path):
+    src1, src2 = make_sources(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "util.py"), "prepare", str(src1), str(src2),
+           "--out", str(out), "--size", "16", "--min_size", "32"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = result.stdout + result.stderr
+
+    # src1 sorted: gray, photo, rgba (tiny, x skipped; notes.txt ignored); then src2 sorted: cmyk, nested/palette
+    assert numbers_of(out) == [1, 2, 3, 4, 5]
+    for n in range(1, 6):
+        img = Image.open(out / f"{n}.png")
+        assert img.mode == "RGB" and img.size == (16, 16)
+    assert Image.open(out / "1.png").getpixel((8, 8)) == (128, 128, 128)
+    rgba = Image.open(out / "3.png")
+    assert rgba.getpixel((0, 8)) == WHITE  # transparent black became white
+    assert rgba.getpixel((15, 8)) == RED
+    assert Image.open(out / "5.png").getpixel((8, 8)) == WHITE  # transparent palette image
+
+    assert re.search(r"skip .*tiny\.png: 20x40 is smaller than --min_size 32", log)
+    assert re.search(r"skip .*x\.png: cannot read it as an image", log)
+    assert "ignored 1 files" in log
+    assert "wrote 5 images" in log and "skipped 2" in log
+
+
+def test_prepare_refuses_to_mix_datasets_unless_overwrite(tmp_path):
+    src1, src2 = make_sources(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for n in range(1, 10):  # an older, bigger dataset
+        Image.new("RGB", (8, 8)).save(out / f"{n}.png")
+
+    with pytest.raises(SystemExit, match="--overwrite"):
+        util.prepare([src1], out, size=8, min_size=32)
+    assert numbers_of(out) == list(range(1, 10))  # untouched
+
+    assert util.prepare([src1, src2], out, size=8, min_size=32, overwrite=True) == 5
+    assert numbers_of(out) == [1, 2, 3, 4, 5]  # no stale 6.png ... 9.png left behind
+
+
+# --------------------------------------------------------------------------- to_rgb, center_crop_resize
+
+
+@pytest.mark.parametrize("img", [
+    Image.new("L", (30, 20), 77),
+    Image.new("LA", (20, 30), (77, 255)),
+    Image.new("RGBA", (25, 25), (10, 20, 30, 255)),
+    Image.new("P", (40, 10), 3),
+    Image.new("CMYK", (12, 12), (0, 0, 0, 0)),
+    Image.new("I;16", (20, 20), 65535),
+], ids=lambda img: img.mode)
+def test_any_mode_comes_out_rgb_and_square(img):
+    out = util.center_crop_resize(util.to_rgb(img), 16)
+    assert out.mode == "RGB" and out.size == (16, 16)
+
+
+def test_to_rgb_puts_transparency_on_white():
+    assert colors(util.to_rgb(Image.new("RGBA", (8, 8), (0, 0, 0, 0)))) == {WHITE}
+    assert colors(util.to_rgb(Image.new("LA", (8, 8), (0, 0)))) == {WHITE}
+    half = util.to_rgb(Image.new("RGBA", (8, 8), (0, 0, 0, 128)))  # 50% black over white: mid gray
+    assert half.getpixel((0, 0)) == (127, 127, 127)
+    gray16 = util.to_rgb(Image.new("I;16", (4, 4), 32768))  # 16-bit half intensity, not clipped to white
+    assert gray16.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_center_crop_keeps_the_middle():
+    img = Image.new("RGB", (60, 20), (0, 0, 255))  # blue bands left and right of a red centre square
+    img.paste(RED, (20, 0, 40, 20))
+    out = util.center_crop_resize(img, 10)
+    assert out.size == (10, 10) and colors(out) == {RED}
+    same = Image.new("RGB", (10, 10), RED)
+    assert util.center_crop_resize(same, 10) is same  # nothing to do
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_save_checkpoint_roundtrip_and_no_tmp_left(tmp_path):
+    path = tmp_path / "sub" / "ckpt.pt"
+    ckpt = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "config": {"size": 32, "lr": 1e-4}, "step": 7}
+    util.save_checkpoint(ckpt, path)
+    loaded = util.load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], ckpt["model"]["w"])
+    assert loaded["config"] == {"size": 32, "lr": 1e-4} and loaded["step"] == 7
+    assert os.listdir(path.parent) == ["ckpt.pt"]
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    util.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(src, dst):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(util.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        util.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+
+    old = util.load_checkpoint(path)
+    assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    util.save_checkpoint({"step": 1}, path)
+
+    def write_half_then_crash(obj, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of torch.save
+
+    monkeypatch.setattr(util.torch, "save", write_half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        util.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert util.load_checkpoint(path)["step"] == 1
+
+
+class WritesAFileWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling calls open(marker, "w"), which creates the file
+        return (open, (str(self.marker), "w"))
+
+
+def test_load_checkpoint_refuses_pickled_code(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": WritesAFileWhenUnpickled(marker)}, path)
+    with pytest.raises(RuntimeError, match=r"refused to load .*evil\.pt.*not a checkpoint made by this project"):
+        util.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_load_checkpoint_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        util.load_checkpoint(tmp_path / "nope.pt")
+
+
+# --------------------------------------------------------------------------- images, seeds, devices
+
+
+def test_save_image_grid_size_and_value_mapping(tmp_path):
+    x = torch.zeros(6, 3, 8, 8)
+    x[0] = -1.0
+    x[1] = 1.0
+    x[2] = 5.0  # out of range: clamped to white
+    path = tmp_path / "new_dir" / "grid.png"
+    util.save_image_grid(x, path)  # nrow = ceil(sqrt(6)) = 3 -> 3 columns, 2 rows, 2 px padding
+    grid = Image.open(path)
+    assert grid.mode == "RGB" and grid.size == (3 * (8 + 2) + 2, 2 * (8 + 2) + 2)
+    assert grid.getpixel((2 + 4, 2 + 4)) == (0, 0, 0)  # image 0: -1 -> 0
+    assert grid.getpixel((12 + 4, 2 + 4)) == WHITE  # image 1: 1 -> 255
+    assert grid.getpixel((22 + 4, 2 + 4)) == WHITE  # image 2: clamped
+    assert grid.getpixel((2 + 4, 12 + 4)) == (128, 128, 128)  # image 3: 0 -> mid gray
+
+    util.save_image_grid(x, path, nrow=6)
+    assert Image.open(path).size == (6 * 10 + 2, 1 * 10 + 2)
+
+
+def test_seed_everything_repeats_random_streams():
+    util.seed_everything(123)
+    first = (random.random(), torch.rand(3))
+    util.seed_everything(123)
+    second = (random.random(), torch.rand(3))
+    assert first[0] == second[0] and torch.equal(first[1], second[1])
+
+
+def test_pick_device(monkeypatch):
+    assert util.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert util.pick_device("auto") == torch.device("cuda:1")  # torchrun: one GPU per process
+    monkeypatch.delenv("LOCAL_RANK")
+    assert util.pick_device() == torch.device("cuda")
+
+
+def test_autocast_dtype():
+    cpu = torch.device("cpu")
+    assert util.autocast_dtype(cpu, "fp32") is None
+    assert util.autocast_dtype(cpu, "auto") is None  # CPU bf16 autocast is usually slower than fp32
+    assert util.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="bf16"):
+        util.autocast_dtype(cpu, "fp16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        util.autocast_dtype(cpu, "fp8")
+
+
+# --------------------------------------------------------------------------- the bundled emoji data
+
+
+def test_bundled_emoji_are_contiguous_32px_rgb_with_a_5_percent_test_split():
+    train, test = numbers_of(ROOT / "data/emoji"), numbers_of(ROOT / "data/emoji_test")
+    assert 300 <= len(train) <= 1600 and train == list(range(1, len(train) + 1))
+    assert test == list(range(1, len(test) + 1))
+    assert abs(len(test) - 0.05 * (len(train) + len(test))) <= 1
+    for folder, numbers in [("emoji", train), ("emoji_test", test)]:
+        for n in numbers:
+            img = Image.open(ROOT / "data" / folder / f"{n}.png")
+            assert img.mode == "RGB" and img.size == (32, 32), f"data/{folder}/{n}.png"
+            assert img.getpixel((0, 0)) == WHITE or img.getpixel((31, 31)) == WHITE  # on white, padded square
+
+
+def test_skin_tone_goes_after_the_base_and_replaces_vs16():
+    detective_man = (0x1F575, util.VS16, util.ZWJ, util.MALE, util.VS16)
+    assert util.with_skin_tone(detective_man, 0x1F3FB) == (0x1F575, 0x1F3FB, util.ZWJ, util.MALE, util.VS16)
+    assert util.with_skin_tone((0x1F476,), 0x1F3FF) == (0x1F476, 0x1F3FF)
+    sequences = util.emoji_sequences()
+    assert sequences == sorted(set(sequences))  # sorted, no duplicates: a stable numbering
+
+
+@pytest.mark.skipif(not os.path.exists(NOTO), reason="needs fonts-noto-color-emoji")
+def test_regenerating_the_emoji_gives_the_bundled_images(tmp_path):
+    util.emoji(NOTO, tmp_path / "emoji", size=32, test_fraction=0.05, seed=0)
+    for folder in ["emoji", "emoji_test"]:
+        bundled = numbers_of(ROOT / "data" / folder)
+        assert numbers_of(tmp_path / folder) == bundled
+        for n in bundled:
+            new = Image.open(tmp_path / folder / f"{n}.png").tobytes()
+            assert new == Image.open(ROOT / "data" / folder / f"{n}.png").tobytes(), f"data/{folder}/{n}.png"
