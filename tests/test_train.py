@@ -1,0 +1,213 @@
+"""train.py: the dataset's checks, exact resume, crash safety, non-finite losses and DistributedDataParallel."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+import util  # noqa: E402
+
+TINY = ["--image_size", "16", "--base_channels", "16", "--channel_mult", "1,2", "--num_res_blocks", "1",
+        "--attention_resolutions", "8", "--num_heads", "2", "--num_timesteps", "50", "--batch_size", "4",
+        "--num_workers", "0", "--num_samples", "4", "--warmup_steps", "2", "--log_every", "1"]
+
+
+def write_images(folder, count, size=16, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(1, count + 1):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_images(str(tmp_path / "images"), 12)
+
+
+def run(data_dir, out_dir, *flags):
+    return train.main(["--data_dir", data_dir, "--out_dir", str(out_dir), *TINY, *flags])
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+def test_dataset_yields_images_in_range_and_their_mirrors(images):
+    dataset = train.NumberedImages(images, 16)
+    assert len(dataset) == 2 * 12
+    x = dataset[3]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    pixels = torch.from_numpy(__import__("numpy").array(Image.open(os.path.join(images, "4.png")))).permute(2, 0, 1)
+    assert torch.allclose(x, pixels.float() / 127.5 - 1)
+    assert torch.equal(dataset[12 + 3], x.flip(-1))  # index N + i is image i mirrored: the horizontal flip
+
+
+def test_dataset_converts_modes_and_sizes_to_rgb_squares(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("L", (16, 16), 0).save(folder / "1.png")
+    Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(folder / "2.png")  # fully transparent
+    Image.new("RGB", (40, 20), (0, 0, 255)).save(folder / "3.png")  # wide, and larger than 16
+    dataset = train.NumberedImages(str(folder), 16)
+    gray, transparent, wide = dataset[0], dataset[1], dataset[2]
+    assert gray.shape == transparent.shape == wide.shape == (3, 16, 16)
+    assert torch.all(gray == -1)
+    assert torch.all(transparent == 1), "transparent pixels must become white, not black"
+    assert torch.allclose(wide[2], torch.ones(16, 16), atol=1e-2) and torch.allclose(wide[0], -torch.ones(16, 16), atol=1e-2)
+
+
+def test_dataset_names_the_missing_file_of_a_gap(tmp_path):
+    folder = write_images(str(tmp_path / "gap"), 5)
+    os.remove(os.path.join(folder, "3.png"))
+    with pytest.raises(FileNotFoundError, match=r"3\.png is missing") as error:
+        train.NumberedImages(folder, 16)
+    assert "util.py prepare" in str(error.value)
+
+
+def test_dataset_rejects_empty_and_missing_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no numbered PNGs"):
+        train.NumberedImages(str(tmp_path / "empty"), 16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.NumberedImages(str(tmp_path / "nowhere"), 16)
+
+
+def test_corrupt_image_is_reported_and_skipped(images, capsys):
+    with open(os.path.join(images, "5.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n this is not an image")
+    dataset = train.NumberedImages(images, 16)
+    x = dataset[4]
+    assert torch.equal(x, dataset[5]), "the next image replaces the corrupt one"
+    assert "5.png" in capsys.readouterr().err
+
+
+def test_sampler_resumes_mid_epoch_and_splits_ranks():
+    def first(n, sampler):
+        return [index for _, index in zip(range(n), iter(sampler))]
+    stream = first(50, train.ShuffleForever(20, seed=3))
+    assert sorted(stream[:20]) == list(range(20)) and sorted(stream[20:40]) == list(range(20))
+    assert first(23, train.ShuffleForever(20, seed=3, start=27)) == stream[27:]
+    rank0, rank1 = first(10, train.ShuffleForever(20, 3, rank=0, world_size=2)), first(10, train.ShuffleForever(20, 3, rank=1, world_size=2))
+    assert sorted(rank0 + rank1) == list(range(20))
+
+
+# -- training --------------------------------------------------------------------------------------------------
+
+def test_training_smoke_writes_checkpoint_log_and_samples(images, tmp_path):
+    out = tmp_path / "run"
+    assert run(images, out, "--max_steps", "4", "--sample_every", "2") == 4
+    checkpoint = util.load_checkpoint(out / "ckpt.pt")
+    assert set(checkpoint) == {"model", "ema", "optimizer", "scaler", "diffusion", "step", "config", "rng"}
+    assert checkpoint["step"] == 4 and checkpoint["config"]["base_channels"] == 16
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,mse,vb,lr,grad_norm,images_per_s,elapsed_s") and len(rows) == 1 + 4
+    assert all(float(row.split(",")[1]) > 0 for row in rows[1:])
+    grid = Image.open(out / "samples" / "000004.png")
+    assert grid.size == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2))  # 4 samples, 2 x 2 with padding 2
+    assert (out / "samples" / "000002.png").exists()
+    model, _ = train.build_model_and_diffusion(checkpoint["config"])
+    model.load_state_dict(checkpoint["ema"])  # the checkpoint alone rebuilds the model
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(images, tmp_path):
+    flags = ["--importance_sampling", "--dropout", "0.1", "--seed", "7", "--save_every", "100", "--sample_every", "0"]
+    run(images, tmp_path / "straight", "--max_steps", "6", *flags)
+    run(images, tmp_path / "resumed", "--max_steps", "3", *flags)
+    halfway = util.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    run(images, tmp_path / "resumed", "--max_steps", "6", *flags)
+    a, b = util.load_checkpoint(tmp_path / "straight" / "ckpt.pt"), util.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "diffusion"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), f"optimizer {index}.{name} differs"
+    assert a["diffusion"]["loss_counts"].sum() == 6 * 4
+    assert any(not torch.equal(halfway["model"][name], b["model"][name]) for name in b["model"]), "steps 4-6 trained"
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(images, tmp_path):
+    run(images, tmp_path / "run", "--max_steps", "1", "--sample_every", "0")
+    with pytest.raises(SystemExit, match="--base_channels 16 \\(now 32\\)"):
+        run(images, tmp_path / "run", "--max_steps", "2", "--base_channels", "32")
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
+    build = train.build_model_and_diffusion
+
+    def build_with_a_loss_that_explodes(config):
+        model, diffusion = build(config)
+        calls = []
+        original = diffusion.training_losses
+
+        def training_losses(*args, **kwargs):
+            calls.append(1)
+            losses = original(*args, **kwargs)
+            if len(calls) >= 5:  # the 5th step
+                losses["loss"] = losses["loss"] * float("nan")
+            return losses
+        diffusion.training_losses = training_losses
+        return model, diffusion
+
+    monkeypatch.setattr(train, "build_model_and_diffusion", build_with_a_loss_that_explodes)
+    with pytest.raises(FloatingPointError, match="at step 5"):
+        run(images, tmp_path / "run", "--max_steps", "10", "--save_every", "2", "--log_every", "3", "--sample_every", "0")
+    checkpoint = util.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert checkpoint["step"] == 4
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(images, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--data_dir", images, "--out_dir", str(out), *TINY,
+               "--max_steps", "100000", "--save_every", "100000", "--sample_every", "0"]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len((out / "log.csv").read_text().splitlines() if (out / "log.csv").exists() else []) < 4:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 0, stderr
+    assert "SIGTERM received" in stderr
+    step = util.load_checkpoint(out / "ckpt.pt")["step"]
+    assert 3 <= step < 100000
+    assert run(images, out, "--max_steps", str(step + 2), "--sample_every", "0") == step + 2
+
+
+def test_torchrun_two_processes_keep_identical_weights(images, tmp_path):
+    out = tmp_path / "ddp"
+    # A launcher that runs train.main and then lets every rank save the weights it ended with.
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        import train
+        built = []
+        build = train.build_model_and_diffusion
+        train.build_model_and_diffusion = lambda config: built.append(build(config)) or built[-1]
+        train.main(sys.argv[1:])
+        torch.save(built[0][0].state_dict(), os.path.join({str(out)!r}, "rank" + os.environ["RANK"] + ".pt"))
+    """))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+               "--data_dir", images, "--out_dir", str(out), *TINY, "--max_steps", "3", "--sample_every", "0",
+               "--importance_sampling"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    checkpoint = util.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["step"] == 3
+    assert checkpoint["diffusion"]["loss_counts"].sum() == 3 * 4 * 2  # both ranks' losses in the history
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.csv", "loss.png", "rank0.pt", "rank1.pt", "samples"]
+    assert all(torch.equal(rank0[name], checkpoint["model"][name]) for name in rank0)

@@ -1,0 +1,387 @@
+"""
+Train an Improved DDPM (Nichol & Dhariwal 2021) on a folder of numbered PNGs 1.png ... N.png.
+
+    python train.py                                   # CPU demo: bundled emoji, 32x32, about 10 minutes
+    sh train.sh                                       # the 64x64 anime-faces recipe on one or more GPUs
+    torchrun --nproc_per_node=4 train.py [flags]      # several GPUs with DistributedDataParallel
+
+Everything lands in --out_dir: ckpt.pt (model, EMA, optimiser, config: enough to resume or sample), log.csv,
+loss.png and samples/STEP.png. A run resumes from OUT/ckpt.pt when it exists. SIGTERM or Ctrl-C saves and exits.
+"""
+import argparse
+import copy
+import csv
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
+
+import util
+from diffusion import GaussianDiffusion
+from unet import UNet
+
+
+def int_list(text):
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_off = argparse.BooleanOptionalAction
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default="data/emoji", help="folder of 1.png ... N.png (make one with `python util.py prepare`)")
+    g.add_argument("--image_size", type=int, default=32, help="images of another size are centre-cropped and resized")
+    g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes per GPU (0 = load in the main process)")
+    g = p.add_argument_group("model (unet.py)")
+    g.add_argument("--base_channels", type=int, default=64, help="channels at full resolution; the main knob for model size")
+    g.add_argument("--channel_mult", type=int_list, default=(1, 2, 2), help="channel multiplier per resolution, e.g. 1,2,3,4; one level per entry, each halving the size")
+    g.add_argument("--num_res_blocks", type=int, default=1, help="residual blocks per resolution")
+    g.add_argument("--attention_resolutions", type=int_list, default=(8,), help="feature-map sizes with self-attention, e.g. 16,8")
+    g.add_argument("--num_heads", type=int, default=4, help="attention heads")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout in residual blocks (0.1-0.3 helps small data sets)")
+    g = p.add_argument_group("diffusion (diffusion.py)")
+    g.add_argument("--num_timesteps", type=int, default=1000, help="T, the number of noising steps (paper: 1000 or 4000)")
+    g.add_argument("--noise_schedule", choices=("cosine", "linear"), default="cosine", help="cosine (eq. 17) or DDPM's linear")
+    g.add_argument("--learn_sigma", action=on_off, default=True, help="learn the reverse-process variances (eq. 15)")
+    g.add_argument("--loss_type", choices=("hybrid", "mse", "kl"), default="hybrid", help="hybrid = L_simple + 0.001 L_vlb (eq. 16); kl = L_vlb alone")
+    g.add_argument("--importance_sampling", action=on_off, default=False, help="sample t with p_t ∝ sqrt(E[L_t^2]) (eq. 18); meant for --loss_type kl")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=32, help="images per GPU (or per CPU process) per step")
+    g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (paper: 1e-4 for 64x64, 2e-4 for small models)")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up from 0")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--ema_rate", type=float, default=0.9999, help="EMA decay; warmed up as min(rate, (1+step)/(10+step))")
+    g.add_argument("--max_steps", type=int, default=3000, help="stop after this many optimiser steps in all (counts across resumes)")
+    g.add_argument("--max_minutes", type=float, default=0, help="also stop after this many minutes of this run (0 = no limit): a rented-GPU budget")
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and noise")
+    g = p.add_argument_group("run")
+    g.add_argument("--out_dir", default="runs/emoji", help="checkpoint, logs and samples go here; resumes from OUT/ckpt.pt")
+    g.add_argument("--save_every", type=int, default=500, help="write OUT/ckpt.pt every N steps (also at the end and on SIGTERM/Ctrl-C)")
+    g.add_argument("--sample_every", type=int, default=1000, help="write a grid of EMA samples (50 respaced steps) every N steps (0 = only at the end)")
+    g.add_argument("--num_samples", type=int, default=36, help="images in each sample grid")
+    g.add_argument("--log_every", type=int, default=50, help="append to OUT/log.csv and redraw OUT/loss.png every N steps")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast: auto = bf16 on GPUs that have it, else fp16 with a gradient scaler on CUDA, else fp32")
+    g.add_argument("--compile", action=on_off, default=False, help="torch.compile the model (faster on GPU after a minute of compiling)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    return p.parse_args(argv)
+
+
+# The checkpoint must match the model and process these flags build; the others may change between resumes.
+ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
+                "num_timesteps", "noise_schedule", "learn_sigma", "loss_type", "importance_sampling")
+
+
+def build_model_and_diffusion(config):
+    """The network and the process a config (a dict of train.py's flags) describes."""
+    model = UNet(image_size=config["image_size"], base_channels=config["base_channels"],
+                 channel_mult=tuple(config["channel_mult"]), num_res_blocks=config["num_res_blocks"],
+                 attention_resolutions=tuple(config["attention_resolutions"]), num_heads=config["num_heads"],
+                 dropout=config["dropout"], learn_sigma=config["learn_sigma"])
+    diffusion = GaussianDiffusion(num_timesteps=config["num_timesteps"], noise_schedule=config["noise_schedule"],
+                                  learn_sigma=config["learn_sigma"], loss_type=config["loss_type"],
+                                  importance_sampling=config["importance_sampling"])
+    return model, diffusion
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+class NumberedImages(torch.utils.data.Dataset):
+    """1.png ... N.png as (3, size, size) tensors in [-1, 1]. Indices N..2N-1 are the same images mirrored: the
+    random horizontal flip, chosen by the seeded sampler below so that a resumed run sees the same batches."""
+
+    def __init__(self, folder, image_size):
+        fix = f"make one with: python util.py prepare YOUR_IMAGES --out {folder} --size {image_size}"
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"data folder {folder!r} does not exist; {fix}")
+        numbers = sorted(int(name[:-4]) for name in os.listdir(folder) if name.endswith(".png") and name[:-4].isdigit())
+        if not numbers:
+            raise FileNotFoundError(f"no numbered PNGs (1.png, 2.png, ...) in {folder!r}; {fix}")
+        missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
+        if missing:
+            raise FileNotFoundError(
+                f"{os.path.join(folder, f'{missing[0]}.png')} is missing ({len(missing)} gaps in 1..{numbers[-1]}.png): "
+                f"the images must be numbered without gaps; renumber them with: "
+                f"python util.py prepare {folder} --out {folder}_renumbered --size {image_size}")
+        self.paths = [os.path.join(folder, f"{n}.png") for n in numbers]
+        self.image_size = image_size
+        self.reported = set()
+
+    def __len__(self):
+        return 2 * len(self.paths)
+
+    def __getitem__(self, index):
+        # A corrupt file must not kill a long run: report it once and use the next image instead.
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                with Image.open(path) as img:
+                    img = util.center_crop_resize(util.to_rgb(img), self.image_size)
+                break
+            except (OSError, ValueError, SyntaxError) as error:
+                if path not in self.reported:
+                    self.reported.add(path)
+                    print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr)
+        else:
+            raise RuntimeError(f"no readable image among the {len(self.paths)} files of {os.path.dirname(path)}")
+        if index >= len(self.paths):
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return pil_to_tensor(img).float() / 127.5 - 1  # (3, size, size), uint8 0..255 -> [-1, 1]
+
+
+class ShuffleForever(torch.utils.data.Sampler):
+    """Dataset indices reshuffled every epoch, forever. The order depends only on the seed, so a run resumed at
+    step s skips the s * batch_size indices already used. Under DDP rank r takes every world_size-th index."""
+
+    def __init__(self, size, seed, start=0, rank=0, world_size=1):
+        self.size, self.seed, self.start, self.rank, self.world_size = size, seed, start, rank, world_size
+
+    def __iter__(self):
+        per_rank = self.size // self.world_size  # the same count on every rank, so no rank waits for another
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+            yield from order[self.rank::self.world_size][:per_rank][offset:].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def save_samples(ema, diffusion, config, path, num_samples, device):
+    """A grid of EMA samples drawn with 50 respaced steps (sec. 4): quick, and close to the 1000-step quality."""
+    shape = (num_samples, 3, config["image_size"], config["image_size"])
+    generator_state = torch.get_rng_state()  # sampling must not change the training run's random stream
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    torch.manual_seed(config["seed"])  # the same noise every time: the grids show the model improving
+    util.save_image_grid(diffusion.sample(ema, shape, steps=50, device=device), path)
+    torch.set_rng_state(generator_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def plot_losses(log_path, png_path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib is not installed, so no loss.png: pip install matplotlib", file=sys.stderr)
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(row["step"]) for row in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "mse", "vb"):
+        if rows and rows[0][key] != "":
+            ax.plot(steps, [float(row[key]) for row in rows], label=key)
+    ax.set(xlabel="step", yscale="log", title="training loss (mean over each log interval)")
+    ax.legend()
+    fig.savefig(png_path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = vars(args)
+
+    # -- processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE --------------------------------
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = util.pick_device(args.device)
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    is_main = rank == 0
+    util.seed_everything(args.seed + rank)
+    amp_dtype = util.autocast_dtype(device, args.precision)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere+: same results, faster
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    # -- model, process, optimiser --------------------------------------------------------------------------
+    model, diffusion = build_model_and_diffusion(config)
+    model.to(device)
+    diffusion.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # NHWC convs use tensor cores without layout transposes
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
+
+    # -- resume ---------------------------------------------------------------------------------------------
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    step, checkpoint = 0, None
+    if os.path.exists(ckpt_path):
+        checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
+        changed = [f"--{k} {checkpoint['config'].get(k)} (now {config[k]})" for k in ARCHITECTURE
+                   if checkpoint["config"].get(k) != config[k] and str(checkpoint["config"].get(k)) != str(config[k])]
+        if changed:
+            raise SystemExit(f"{ckpt_path} was trained with {', '.join(changed)}: pass the same flags to resume, "
+                             f"or a new --out_dir to start another run")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        diffusion.load_state_dict(checkpoint["diffusion"])
+        step = checkpoint["step"]
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # the weights we sample from (EMA, sec. 4 of DDPM)
+    if checkpoint is not None:
+        ema.load_state_dict(checkpoint["ema"])
+    train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if distributed else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    dataset = NumberedImages(args.data_dir, args.image_size)
+    sampler = ShuffleForever(len(dataset), args.seed, start=step * args.batch_size, rank=rank, world_size=world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0, drop_last=True)
+    batches = iter(loader)
+    if checkpoint is not None:  # after the loader drew its worker seed, so the random stream is the interrupted run's
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        if checkpoint["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
+        if world_size > 1:  # one rank's state was saved; the others get their own stream from the step
+            torch.manual_seed(args.seed + rank + 1000 * step)
+
+    def save():
+        """Write OUT/ckpt.pt atomically (util.save_checkpoint), and never from weights that are not finite."""
+        if not is_main:
+            return
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            return print(f"weights are not finite at step {step}: kept the last good {ckpt_path}", file=sys.stderr)
+        util.save_checkpoint(dict(
+            model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(), diffusion=diffusion.state_dict(), step=step, config=config,
+            rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+        ), ckpt_path)
+
+    # -- SIGTERM (rented machine going away, train.sh restarting) and Ctrl-C: finish the step, save, exit ---
+    stop_signal = []
+    previous_handlers = {}
+
+    def request_stop(signum, frame):
+        if stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        stop_signal.append(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous_handlers[signum] = signal.signal(signum, request_stop)
+
+    log_path = os.path.join(args.out_dir, "log.csv")
+    if is_main:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        num_params = sum(p.numel() for p in model.parameters())
+        print(f"{num_params / 1e6:.2f}M parameters, {len(dataset) // 2} images, {world_size} x {device}, "
+              f"autocast {amp_dtype}, {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
+        if not os.path.exists(log_path) or step == 0:
+            with open(log_path, "w") as f:
+                f.write("step,loss,mse,vb,lr,grad_norm,images_per_s,elapsed_s\n")
+    # Sums over the log interval stay on the device: reading them every step would stall the GPU.
+    sums = torch.zeros(4, device=device)  # loss, mse, vb, grad norm
+    first_nonfinite_step = torch.tensor(-1, device=device)
+    start_time = last_log_time = time.time()
+    last_log_step = step
+    progress = tqdm(total=args.max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True,
+                    mininterval=1 if sys.stderr.isatty() else 30)
+    stop_reason = "max_steps"
+    try:
+        while step < args.max_steps:
+            # -- one optimiser step -------------------------------------------------------------------------
+            x0 = next(batches).to(device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+            if device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            t, weights = diffusion.sample_timesteps(x0.shape[0], device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                losses = diffusion.training_losses(train_model, x0, t)
+            loss = (losses["loss"] * weights).mean()
+            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            if diffusion.importance_sampling:
+                diffusion.update_loss_history(t, losses["loss"])
+            decay = min(args.ema_rate, (1 + step) / (10 + step))  # EMA warm-up: short runs still get a useful EMA
+            with torch.no_grad():
+                for ema_param, param in zip(ema.parameters(), model.parameters()):
+                    ema_param.lerp_(param, 1 - decay)
+            step += 1
+            progress.update()
+            vb = losses["vb"].mean() if "vb" in losses else torch.zeros((), device=device)
+            sums += torch.stack([loss.detach(), losses["mse"].mean().detach(), vb.detach(), grad_norm.float()])
+            first_nonfinite_step = torch.where((first_nonfinite_step < 0) & ~torch.isfinite(loss), step, first_nonfinite_step)
+
+            # -- logging, samples, checkpoints: the only places that wait for the device --------------------
+            at_log_step = step % args.log_every == 0 or step == args.max_steps
+            stop = bool(stop_signal) or (args.max_minutes > 0 and time.time() - start_time > 60 * args.max_minutes)
+            if distributed:  # the ranks agree on when to stop, at log steps only: a rank stopping alone would hang the rest
+                stop = torch.tensor(float(stop and at_log_step), device=device)
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                stop = bool(stop.item())
+            if at_log_step or stop:
+                if first_nonfinite_step.item() >= 0:
+                    raise FloatingPointError(
+                        f"the loss became {loss.item()} at step {first_nonfinite_step.item()}; stopped without saving, "
+                        f"the last good checkpoint is {ckpt_path}. Try a lower --lr, or --precision fp32 or bf16")
+                now = time.time()
+                averages = (sums / (step - last_log_step)).tolist()
+                images_per_s = (step - last_log_step) * args.batch_size * world_size / (now - last_log_time)
+                sums.zero_()
+                last_log_step = step
+                if is_main:
+                    progress.set_postfix(loss=f"{averages[0]:.4f}", img_s=f"{images_per_s:.1f}")
+                    vb_text = f"{averages[2]:.5f}" if "vb" in losses else ""
+                    with open(log_path, "a") as f:
+                        f.write(f"{step},{averages[0]:.6f},{averages[1]:.6f},{vb_text},{lr:.3g},{averages[3]:.4f},"
+                                f"{images_per_s:.1f},{now - start_time:.1f}\n")
+                    plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
+            if is_main and args.sample_every and step % args.sample_every == 0:
+                save_samples(ema, diffusion, config, os.path.join(args.out_dir, "samples", f"{step:06d}.png"),
+                             args.num_samples, device)
+            if step % args.save_every == 0 and step < args.max_steps:
+                save()
+            if at_log_step:
+                last_log_time = time.time()  # images/s counts training only, not the plotting, sampling and saving
+            if stop:
+                stop_reason = f"{stop_signal[0]} received" if stop_signal else "--max_minutes reached (here or on another rank)"
+                break
+        save()
+        if is_main and (not args.sample_every or step % args.sample_every) and stop_reason == "max_steps":
+            save_samples(ema, diffusion, config, os.path.join(args.out_dir, "samples", f"{step:06d}.png"),
+                         args.num_samples, device)
+        progress.close()
+        if is_main:
+            print(f"stopped at step {step} ({stop_reason}); checkpoint: {ckpt_path}", file=sys.stderr)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        if distributed:
+            dist.destroy_process_group()
+    return step
+
+
+if __name__ == "__main__":
+    main()
