@@ -88,10 +88,13 @@ class Attention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W), channels ordered [q heads, k heads, v heads]
-        qkv = qkv.reshape(B, 3 * self.num_heads, C // self.num_heads, H * W).transpose(2, 3)  # (B, 3*heads, HW, d)
-        q, k, v = qkv.chunk(3, dim=1)  # (B, heads, HW, d) each
+        # Channels last in memory, so that each head's d channels are contiguous: the fused SDPA kernels (flash,
+        # memory-efficient) need that and fall back to the slow math kernel otherwise. No copy under channels_last.
+        qkv = qkv.contiguous(memory_format=torch.channels_last)
+        qkv = qkv.flatten(2).transpose(1, 2).reshape(B, H * W, 3 * self.num_heads, C // self.num_heads)
+        q, k, v = qkv.transpose(1, 2).chunk(3, dim=1)  # (B, heads, HW, d) each
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, (B, heads, HW, d)
-        h = h.transpose(2, 3).reshape(B, C, H, W)
+        h = h.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), stored channels last
         return x + self.proj(h)
 
     def __repr__(self):

@@ -108,6 +108,19 @@ def test_attention_matches_softmax_formula():
     assert torch.allclose(block(x), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_uses_a_fused_sdpa_kernel(memory_format):
+    """q, k, v must reach scaled_dot_product_attention with each head's channels contiguous; with strided ones
+    PyTorch silently falls back to its math kernel, which also stores the (HW x HW) attention matrix."""
+    block = Attention(64, 4)
+    x = torch.randn(2, 64, 8, 8).to(memory_format=memory_format)
+    with torch.profiler.profile() as profile:
+        block(x)
+    kernels = {event.name for event in profile.events() if "scaled_dot_product" in event.name}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels, kernels
+    assert "aten::_scaled_dot_product_attention_math" not in kernels, kernels
+
+
 @pytest.mark.parametrize("attention_resolutions, expected_lengths", [
     ((16,), [64, 256, 256, 256]),  # encoder 1 + decoder 2 at 16x16, the middle at 8x8
     ((8,), [64, 64, 64, 64]),  # encoder 1 + middle + decoder 2, all at 8x8
