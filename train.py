@@ -3,7 +3,7 @@ Train an Improved DDPM (Nichol & Dhariwal 2021) on a folder of numbered PNGs 1.p
 
     python train.py                                   # CPU demo: bundled emoji, 32x32, about 10 minutes
     sh train.sh                                       # the 64x64 anime-faces recipe on one or more GPUs
-    torchrun --nproc_per_node=4 train.py [flags]      # several GPUs with DistributedDataParallel
+    torchrun --standalone --nproc_per_node=4 train.py  # several GPUs with DistributedDataParallel
 
 Everything lands in --out_dir: ckpt.pt (model, EMA, optimiser, config: enough to resume or sample), log.csv,
 loss.png and samples/STEP.png. A run resumes from OUT/ckpt.pt when it exists. SIGTERM or Ctrl-C saves and exits.
@@ -34,48 +34,74 @@ def int_list(text):
     return tuple(int(part) for part in text.split(",") if part.strip())
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's line breaks and shows every flag's default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_off = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default="data/emoji", help="folder of 1.png ... N.png (make one with `python util.py prepare`)")
+    g.add_argument("--data_dir", default="data/emoji",
+                   help="folder of 1.png ... N.png (make one with `python util.py prepare`)")
     g.add_argument("--image_size", type=int, default=32, help="images of another size are centre-cropped and resized")
-    g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes per GPU (0 = load in the main process)")
+    g.add_argument("--num_workers", type=int, default=2,
+                   help="DataLoader worker processes per GPU (0 = load in the main process)")
     g = p.add_argument_group("model (unet.py)")
-    g.add_argument("--base_channels", type=int, default=64, help="channels at full resolution; the main knob for model size")
-    g.add_argument("--channel_mult", type=int_list, default=(1, 2, 2), help="channel multiplier per resolution, e.g. 1,2,3,4; one level per entry, each halving the size")
+    g.add_argument("--base_channels", type=int, default=32,
+                   help="channels at full resolution; the main knob for model size")
+    g.add_argument("--channel_mult", type=int_list, default=(1, 2, 2, 2),
+                   help="channel multiplier per resolution, e.g. 1,2,3,4; one level per entry, each halving the size")
     g.add_argument("--num_res_blocks", type=int, default=1, help="residual blocks per resolution")
-    g.add_argument("--attention_resolutions", type=int_list, default=(8,), help="feature-map sizes with self-attention, e.g. 16,8")
+    g.add_argument("--attention_resolutions", type=int_list, default=(8,),
+                   help="feature-map sizes with self-attention, e.g. 16,8")
     g.add_argument("--num_heads", type=int, default=4, help="attention heads")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in residual blocks (0.1-0.3 helps small data sets)")
+    g.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout in residual blocks (0.1-0.3 helps small data sets)")
     g = p.add_argument_group("diffusion (diffusion.py)")
-    g.add_argument("--num_timesteps", type=int, default=1000, help="T, the number of noising steps (paper: 1000 or 4000)")
-    g.add_argument("--noise_schedule", choices=("cosine", "linear"), default="cosine", help="cosine (eq. 17) or DDPM's linear")
+    g.add_argument("--num_timesteps", type=int, default=1000,
+                   help="T, the number of noising steps (paper: 1000 or 4000)")
+    g.add_argument("--noise_schedule", choices=("cosine", "linear"), default="cosine",
+                   help="cosine (eq. 17) or DDPM's linear")
     g.add_argument("--learn_sigma", action=on_off, default=True, help="learn the reverse-process variances (eq. 15)")
-    g.add_argument("--loss_type", choices=("hybrid", "mse", "kl"), default="hybrid", help="hybrid = L_simple + 0.001 L_vlb (eq. 16); kl = L_vlb alone")
-    g.add_argument("--importance_sampling", action=on_off, default=False, help="sample t with p_t ∝ sqrt(E[L_t^2]) (eq. 18); meant for --loss_type kl")
+    g.add_argument("--loss_type", choices=("hybrid", "mse", "kl"), default="hybrid",
+                   help="hybrid = L_simple + 0.001 L_vlb (eq. 16); kl = L_vlb alone")
+    g.add_argument("--importance_sampling", action=on_off, default=False,
+                   help="sample t with p_t ∝ sqrt(E[L_t^2]) (eq. 18); meant for --loss_type kl")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=32, help="images per GPU (or per CPU process) per step")
-    g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (paper: 1e-4 for 64x64, 2e-4 for small models)")
+    g.add_argument("--lr", type=float, default=3e-4,
+                   help="AdamW learning rate (paper: 1e-4 for 64x64, 2e-4 for small models)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up from 0")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--ema_rate", type=float, default=0.9999, help="EMA decay; warmed up as min(rate, (1+step)/(10+step))")
-    g.add_argument("--max_steps", type=int, default=3000, help="stop after this many optimiser steps in all (counts across resumes)")
-    g.add_argument("--max_minutes", type=float, default=0, help="also stop after this many minutes of this run (0 = no limit): a rented-GPU budget")
+    g.add_argument("--ema_rate", type=float, default=0.9999,
+                   help="EMA decay; warmed up as min(rate, (1+step)/(10+step))")
+    g.add_argument("--max_steps", type=int, default=2000,
+                   help="stop after this many optimiser steps in all (counts across resumes)")
+    g.add_argument("--max_minutes", type=float, default=0,
+                   help="also stop after this many minutes of this run (0 = no limit): a rented-GPU budget")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and noise")
     g = p.add_argument_group("run")
-    g.add_argument("--out_dir", default="runs/emoji", help="checkpoint, logs and samples go here; resumes from OUT/ckpt.pt")
-    g.add_argument("--save_every", type=int, default=500, help="write OUT/ckpt.pt every N steps (also at the end and on SIGTERM/Ctrl-C)")
-    g.add_argument("--sample_every", type=int, default=1000, help="write a grid of EMA samples (50 respaced steps) every N steps (0 = only at the end)")
+    g.add_argument("--out_dir", default="runs/emoji",
+                   help="checkpoint, logs and samples go here; resumes from OUT/ckpt.pt")
+    g.add_argument("--save_every", type=int, default=500,
+                   help="write OUT/ckpt.pt every N steps (also at the end and on SIGTERM/Ctrl-C)")
+    g.add_argument("--sample_every", type=int, default=500,
+                   help="write a grid of EMA samples (50 respaced steps) every N steps (0 = only at the end)")
     g.add_argument("--num_samples", type=int, default=36, help="images in each sample grid")
-    g.add_argument("--log_every", type=int, default=50, help="append to OUT/log.csv and redraw OUT/loss.png every N steps")
+    g.add_argument("--log_every", type=int, default=50,
+                   help="append to OUT/log.csv and redraw OUT/loss.png every N steps")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast: auto = bf16 on GPUs that have it, else fp16 with a gradient scaler on CUDA, else fp32")
-    g.add_argument("--compile", action=on_off, default=False, help="torch.compile the model (faster on GPU after a minute of compiling)")
+                   help="autocast: auto = bf16 on GPUs that have it, else fp16 with a gradient scaler on CUDA, "
+                   "else fp32")
+    g.add_argument("--compile", action=on_off, default=False,
+                   help="torch.compile the model (faster on GPU after a minute of compiling)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
+
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on stopping, under torchrun
 
 # The checkpoint must match the model and process these flags build; the others may change between resumes.
 ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
@@ -112,7 +138,8 @@ class NumberedImages(torch.utils.data.Dataset):
         missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
         if missing:
             raise FileNotFoundError(
-                f"{os.path.join(folder, f'{missing[0]}.png')} is missing ({len(missing)} gaps in 1..{numbers[-1]}.png): "
+                f"{os.path.join(folder, f'{missing[0]}.png')} is missing "
+                f"({len(missing)} gaps in 1..{numbers[-1]}.png): "
                 f"the images must be numbered without gaps; renumber them with: "
                 f"python util.py prepare {folder} --out {folder}_renumbered --size {image_size}")
         self.paths = [os.path.join(folder, f"{n}.png") for n in numbers]
@@ -245,7 +272,15 @@ def main(argv=None):
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # the weights we sample from (EMA, sec. 4 of DDPM)
     if checkpoint is not None:
         ema.load_state_dict(checkpoint["ema"])
-    train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if distributed else model
+    if distributed:  # every rank must resume from the same checkpoint: a machine without it would start afresh
+        steps = torch.tensor([step, -step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            raise SystemExit(f"the ranks found different checkpoints in {args.out_dir} (steps {-steps[1]} to "
+                             f"{steps[0]}): on several machines --out_dir must be a folder they all share")
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        train_model = model
     if args.compile:
         train_model = torch.compile(train_model)
 
@@ -271,7 +306,8 @@ def main(argv=None):
         util.save_checkpoint(dict(
             model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
             scaler=scaler.state_dict(), diffusion=diffusion.state_dict(), step=step, config=config,
-            rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+            rng=dict(torch=torch.get_rng_state(),
+                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
         ), ckpt_path)
 
     # -- SIGTERM (rented machine going away, train.sh restarting) and Ctrl-C: finish the step, save, exit ---
@@ -332,15 +368,21 @@ def main(argv=None):
             progress.update()
             vb = losses["vb"].mean() if "vb" in losses else torch.zeros((), device=device)
             sums += torch.stack([loss.detach(), losses["mse"].mean().detach(), vb.detach(), grad_norm.float()])
-            first_nonfinite_step = torch.where((first_nonfinite_step < 0) & ~torch.isfinite(loss), step, first_nonfinite_step)
+            is_first_nonfinite = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
+            first_nonfinite_step = torch.where(is_first_nonfinite, step, first_nonfinite_step)
 
             # -- logging, samples, checkpoints: the only places that wait for the device --------------------
             at_log_step = step % args.log_every == 0 or step == args.max_steps
             stop = bool(stop_signal) or (args.max_minutes > 0 and time.time() - start_time > 60 * args.max_minutes)
-            if distributed:  # the ranks agree on when to stop, at log steps only: a rank stopping alone would hang the rest
-                stop = torch.tensor(float(stop and at_log_step), device=device)
+            if distributed and (at_log_step or step % STOP_CHECK_EVERY == 0):
+                # The ranks agree on when to stop (a rank stopping alone would hang the others). Not every step:
+                # the .item() waits for the GPU. Often enough that torchrun's 30 s between forwarding SIGTERM
+                # and SIGKILL leaves time to save.
+                stop = torch.tensor(float(stop), device=device)
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
                 stop = bool(stop.item())
+            elif distributed:
+                stop = False
             if at_log_step or stop:
                 if first_nonfinite_step.item() >= 0:
                     raise FloatingPointError(
@@ -366,7 +408,8 @@ def main(argv=None):
             if at_log_step:
                 last_log_time = time.time()  # images/s counts training only, not the plotting, sampling and saving
             if stop:
-                stop_reason = f"{stop_signal[0]} received" if stop_signal else "--max_minutes reached (here or on another rank)"
+                stop_reason = (f"{stop_signal[0]} received" if stop_signal
+                               else "--max_minutes reached (here or on another rank)")
                 break
         save()
         if is_main and (not args.sample_every or step % args.sample_every) and stop_reason == "max_steps":

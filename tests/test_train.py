@@ -211,3 +211,57 @@ def test_torchrun_two_processes_keep_identical_weights(images, tmp_path):
     assert checkpoint["diffusion"]["loss_counts"].sum() == 3 * 4 * 2  # both ranks' losses in the history
     assert sorted(os.listdir(out)) == ["ckpt.pt", "log.csv", "loss.png", "rank0.pt", "rank1.pt", "samples"]
     assert all(torch.equal(rank0[name], checkpoint["model"][name]) for name in rank0)
+
+
+# -- train.sh --------------------------------------------------------------------------------------------------
+
+
+def log_rows(out):
+    return len((out / "log.csv").read_text().splitlines()) if (out / "log.csv").exists() else 0
+
+
+def wait_until(condition, seconds=120):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.2)
+    return condition()
+
+
+def alive(pid):
+    """Running, not exited (a process train.sh started is not our child: once it exits it may linger unreaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_train_sh_restarts_its_own_run_which_resumes_and_leaves_other_processes_alone(images, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stranger = subprocess.Popen(["sleep", "60"])  # a process train.sh did not start, its pid planted in the pid file
+    (out / "train.pid").write_text(f"{stranger.pid}\n")
+    command = ["sh", os.path.join(ROOT, "train.sh"), "--data_dir", images, "--out_dir", str(out), *TINY,
+               "--max_steps", "100000", "--save_every", "100000", "--sample_every", "0"]
+    env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    pids = []
+    try:
+        subprocess.run(command, check=True, timeout=60, env=env, capture_output=True)
+        assert alive(stranger.pid)  # not signalled: its command line is not train.py
+        pids.append(int((out / "train.pid").read_text()))
+        assert wait_until(lambda: log_rows(out) >= 4)
+
+        restart = subprocess.run(command, check=True, timeout=120, env=env, capture_output=True, text=True)
+        assert f"stopping the run started before (pid {pids[0]})" in restart.stdout
+        assert not alive(pids[0])
+        step = util.load_checkpoint(out / "ckpt.pt")["step"]  # saved on SIGTERM
+        pids.append(int((out / "train.pid").read_text()))
+        assert pids[1] != pids[0]
+        assert wait_until(lambda: f"resuming at step {step}" in (out / "train.log").read_text())
+        log = (out / "train.log").read_text()
+        assert "SIGTERM received" in log and log.count("parameters") == 2  # both runs append to one train.log
+    finally:
+        for pid in pids + [stranger.pid]:
+            if alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        stranger.wait()

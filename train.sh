@@ -1,0 +1,68 @@
+#!/bin/sh
+# The 64x64 anime-faces recipe, for one 24 GB GPU or several:
+#
+#     python util.py prepare ~/Downloads/anime-faces --out AnimeFaces64 --size 64    # once
+#     sh train.sh [more train.py flags, which override the ones below]
+#     tail -f runs/anime64/train.log
+#
+# It trains in the background (nohup: closing the terminal does not stop it) and writes its pid to OUT/train.pid.
+# Running it again stops that run with SIGTERM, waits for it to save OUT/ckpt.pt, and starts again, which
+# resumes. It only ever signals the pid it wrote itself.
+set -eu
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+
+# OUT is train.py's --out_dir: the default below, or the last one among the extra flags (as argparse reads them).
+OUT=runs/anime64
+previous=""
+for arg in "$@"; do
+    case "$arg" in --out_dir=*) OUT=${arg#--out_dir=} ;; esac
+    if [ "$previous" = "--out_dir" ]; then OUT=$arg; fi
+    previous=$arg
+done
+mkdir -p "$OUT"
+PIDFILE="$OUT/train.pid"
+
+# Stop the run this script started before, if it is still alive. Pids are reused, so the pid must also still
+# belong to a train.py command line (an exited, unreaped process shows as "[python] <defunct>": not ours).
+is_our_run() {
+    ps -p "$1" -o args= 2>/dev/null | grep -q "train.py"
+}
+if [ -f "$PIDFILE" ]; then
+    pid=$(cat "$PIDFILE")
+    if is_our_run "$pid"; then
+        echo "stopping the run started before (pid $pid); it saves $OUT/ckpt.pt first"
+        kill -TERM "$pid"
+        waited=0
+        while is_our_run "$pid"; do
+            if [ "$waited" -ge 300 ]; then
+                echo "pid $pid did not stop in 300 s; look at $OUT/train.log, stop it yourself, run this again" >&2
+                exit 1
+            fi
+            sleep 1
+            waited=$((waited + 1))
+        done
+    fi
+    rm -f "$PIDFILE"
+fi
+
+# One process per visible GPU. torchrun forwards SIGTERM to every rank and gives them 30 s to save.
+GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -gt 1 ]; then
+    LAUNCH="$PYTHON -m torch.distributed.run --standalone --nproc_per_node=$GPUS"
+else
+    LAUNCH=$PYTHON
+fi
+
+# Improved DDPM's 64x64 U-Net (sec. 2.5 of the paper; 92M parameters) with the hybrid loss, cosine schedule and
+# learned variances. Batch 64 per GPU; see the README for its memory and speed. --batch_size and --lr are the
+# first things to change on a smaller GPU: halve both.
+nohup $LAUNCH train.py \
+    --data_dir AnimeFaces64 --out_dir runs/anime64 --image_size 64 \
+    --base_channels 128 --channel_mult 1,2,3,4 --num_res_blocks 2 --attention_resolutions 16,8 --num_heads 4 \
+    --dropout 0.1 --num_timesteps 1000 --noise_schedule cosine --loss_type hybrid --learn_sigma \
+    --batch_size 64 --lr 1e-4 --warmup_steps 1000 --ema_rate 0.9999 --max_steps 500000 \
+    --save_every 2000 --sample_every 5000 --num_samples 64 --log_every 100 --num_workers 8 --precision auto \
+    "$@" >> "$OUT/train.log" 2>&1 &
+echo $! > "$PIDFILE"
+echo "training in the background with $LAUNCH (pid $!); follow it with: tail -f $OUT/train.log"
