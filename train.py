@@ -245,6 +245,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
+    dataset = NumberedImages(args.data_dir, args.image_size)  # checks the folder first: a bad one fails at once
+
     # -- model, process, optimiser --------------------------------------------------------------------------
     model, diffusion = build_model_and_diffusion(config)
     model.to(device)
@@ -284,7 +286,6 @@ def main(argv=None):
     if args.compile:
         train_model = torch.compile(train_model)
 
-    dataset = NumberedImages(args.data_dir, args.image_size)
     sampler = ShuffleForever(len(dataset), args.seed, start=step * args.batch_size, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
@@ -419,6 +420,7 @@ def main(argv=None):
         if is_main:
             print(f"stopped at step {step} ({stop_reason}); checkpoint: {ckpt_path}", file=sys.stderr)
     finally:
+        progress.close()  # also when an error ends the run (closing twice is harmless)
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         if distributed:
