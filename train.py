@@ -139,7 +139,7 @@ class NumberedImages(torch.utils.data.Dataset):
         if missing:
             raise FileNotFoundError(
                 f"{os.path.join(folder, f'{missing[0]}.png')} is missing "
-                f"({len(missing)} gaps in 1..{numbers[-1]}.png): "
+                f"({len(missing)} of 1..{numbers[-1]}.png are missing): "
                 f"the images must be numbered without gaps; renumber them with: "
                 f"python util.py prepare {folder} --out {folder}_renumbered --size {image_size}")
         self.paths = [os.path.join(folder, f"{n}.png") for n in numbers]
@@ -245,7 +245,10 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    dataset = NumberedImages(args.data_dir, args.image_size)  # checks the folder first: a bad one fails at once
+    try:  # check the data first: a bad folder stops the run at once, with one line saying what to do
+        dataset = NumberedImages(args.data_dir, args.image_size)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
 
     # -- model, process, optimiser --------------------------------------------------------------------------
     model, diffusion = build_model_and_diffusion(config)
@@ -329,9 +332,12 @@ def main(argv=None):
         num_params = sum(p.numel() for p in model.parameters())
         print(f"{num_params / 1e6:.2f}M parameters, {len(dataset) // 2} images, {world_size} x {device}, "
               f"autocast {amp_dtype}, {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
-        if not os.path.exists(log_path) or step == 0:
-            with open(log_path, "w") as f:
-                f.write("step,loss,mse,vb,lr,grad_norm,images_per_s,elapsed_s\n")
+        kept = []  # a run killed after its last save logged steps that this one will redo: drop those rows
+        if step and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f.readlines()[1:] if int(line.split(",")[0]) <= step]
+        with open(log_path, "w") as f:
+            f.write("step,loss,mse,vb,lr,grad_norm,images_per_s,elapsed_s\n" + "".join(kept))
     # Sums over the log interval stay on the device: reading them every step would stall the GPU.
     sums = torch.zeros(4, device=device)  # loss, mse, vb, grad norm
     first_nonfinite_step = torch.tensor(-1, device=device)
@@ -410,7 +416,7 @@ def main(argv=None):
                 last_log_time = time.time()  # images/s counts training only, not the plotting, sampling and saving
             if stop:
                 stop_reason = (f"{stop_signal[0]} received" if stop_signal
-                               else "--max_minutes reached (here or on another rank)")
+                               else "--max_minutes reached")
                 break
         save()
         if is_main and (not args.sample_every or step % args.sample_every) and stop_reason == "max_steps":

@@ -136,6 +136,17 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(images, tmp_path):
     assert any(not torch.equal(halfway["model"][name], b["model"][name]) for name in b["model"]), "steps 4-6 trained"
 
 
+def test_resumed_log_drops_rows_logged_after_the_checkpoint(images, tmp_path):
+    out = tmp_path / "run"
+    run(images, out, "--max_steps", "4", "--sample_every", "0")
+    with open(out / "log.csv", "a") as f:  # what a run killed (kill -9) after its last save leaves behind
+        f.write("5,1.0,1.0,0.1,0.001,1.0,10.0,1.0\n6,1.0,1.0,0.1,0.001,1.0,10.0,1.0\n")
+    run(images, out, "--max_steps", "6", "--sample_every", "0")
+    steps = [line.split(",")[0] for line in (out / "log.csv").read_text().splitlines()]
+    assert steps == ["step", "1", "2", "3", "4", "5", "6"]
+    assert "1.0,1.0,0.1" not in (out / "log.csv").read_text()
+
+
 def test_resume_refuses_a_checkpoint_of_another_architecture(images, tmp_path):
     run(images, tmp_path / "run", "--max_steps", "1", "--sample_every", "0")
     with pytest.raises(SystemExit, match="--base_channels 16 \\(now 32\\)"):
