@@ -57,6 +57,8 @@ fi
 # Improved DDPM's 64x64 U-Net (sec. 2.5 of the paper; 92M parameters) with the hybrid loss, cosine schedule and
 # learned variances. Batch 64 per GPU; see the README for its memory and speed. --batch_size and --lr are the
 # first things to change on a smaller GPU: halve both.
+touch "$OUT/train.log"
+log_start=$(($(wc -l < "$OUT/train.log") + 1))  # the log is appended to: this run's lines start here
 nohup $LAUNCH train.py \
     --data_dir AnimeFaces64 --out_dir runs/anime64 --image_size 64 \
     --base_channels 128 --channel_mult 1,2,3,4 --num_res_blocks 2 --attention_resolutions 16,8 --num_heads 4 \
@@ -64,5 +66,22 @@ nohup $LAUNCH train.py \
     --batch_size 64 --lr 1e-4 --warmup_steps 1000 --ema_rate 0.9999 --max_steps 500000 \
     --save_every 2000 --sample_every 5000 --num_samples 64 --log_every 100 --num_workers 8 --precision auto \
     "$@" >> "$OUT/train.log" 2>&1 &
-echo $! > "$PIDFILE"
-echo "training in the background with $LAUNCH (pid $!); follow it with: tail -f $OUT/train.log"
+pid=$!
+echo $pid > "$PIDFILE"
+
+# Wait for the run's first line (data checked, model built), so that a mistake shows here, not only in the log.
+waited=0
+until tail -n +"$log_start" "$OUT/train.log" | grep -q "parameters, "; do
+    if ! is_our_run "$pid"; then
+        echo "train.py stopped before training; the end of $OUT/train.log:" >&2
+        tail -n +"$log_start" "$OUT/train.log" | tail -n 5 >&2
+        rm -f "$PIDFILE"
+        exit 1
+    fi
+    if [ "$waited" -ge 120 ]; then
+        break  # still starting (a slow disk, or torchrun waiting for its ranks): it goes on in the background
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
+echo "training in the background with $LAUNCH (pid $pid); follow it with: tail -f $OUT/train.log"

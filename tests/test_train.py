@@ -276,3 +276,13 @@ def test_train_sh_restarts_its_own_run_which_resumes_and_leaves_other_processes_
             if alive(pid):
                 os.kill(pid, signal.SIGTERM)
         stranger.wait()
+
+
+def test_train_sh_shows_a_failed_start_and_exits_nonzero(tmp_path):
+    out = tmp_path / "run"
+    command = ["sh", os.path.join(ROOT, "train.sh"), "--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(out)]
+    env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(command, timeout=120, env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"data folder '{tmp_path / 'nowhere'}' does not exist" in result.stderr
+    assert not (out / "train.pid").exists()
