@@ -17,7 +17,6 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 HISTORY_PER_TERM = 10  # sec. 3.3: keep the last 10 losses of every t for importance sampling

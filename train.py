@@ -11,7 +11,6 @@ loss.png and samples/STEP.png. A run resumes from OUT/ckpt.pt when it exists. SI
 import argparse
 import copy
 import csv
-import math
 import os
 import signal
 import sys
@@ -19,7 +18,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.functional import pil_to_tensor
@@ -369,7 +367,7 @@ def main(argv=None):
                 diffusion.update_loss_history(t, losses["loss"])
             decay = min(args.ema_rate, (1 + step) / (10 + step))  # EMA warm-up: short runs still get a useful EMA
             with torch.no_grad():
-                for ema_param, param in zip(ema.parameters(), model.parameters()):
+                for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
                     ema_param.lerp_(param, 1 - decay)
             step += 1
             progress.update()
