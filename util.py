@@ -119,7 +119,8 @@ def autocast_dtype(device, precision):
     if precision == "auto":
         if device.type != "cuda":
             return None
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 is slow
+        # bf16 runs natively from Ampere (compute capability 8.0) on; older GPUs emulate it slowly, so fp16 there
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
         return torch.bfloat16 if native_bf16 else torch.float16
     raise ValueError(f"unknown precision {precision!r}; use 'auto', 'fp32', 'bf16' or 'fp16'")
 

@@ -244,6 +244,14 @@ def test_autocast_dtype():
         util.autocast_dtype(cpu, "fp8")
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_autocast_dtype_on_cuda_is_bf16_from_ampere_on(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert util.autocast_dtype(torch.device("cuda:0"), "auto") is expected  # V100, T4: fp16; A100, H100: bf16
+    assert util.autocast_dtype(torch.device("cuda:0"), "fp16") is torch.float16
+
+
 # --------------------------------------------------------------------------- the bundled emoji data
 
 
