@@ -186,16 +186,15 @@ class ShuffleForever(torch.utils.data.Sampler):
 # Outputs
 
 
-def save_samples(ema, diffusion, config, path, num_samples, device):
-    """A grid of EMA samples drawn with 50 respaced steps (sec. 4): quick, and close to the 1000-step quality."""
-    shape = (num_samples, 3, config["image_size"], config["image_size"])
-    generator_state = torch.get_rng_state()  # sampling must not change the training run's random stream
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    torch.manual_seed(config["seed"])  # the same noise every time: the grids show the model improving
-    util.save_image_grid(diffusion.sample(ema, shape, steps=50, device=device), path)
-    torch.set_rng_state(generator_state)
-    if cuda_state is not None:
-        torch.cuda.set_rng_state(cuda_state, device)
+def save_samples(ema, diffusion, config, step, device):
+    """OUT/samples/STEP.png: a grid of EMA samples drawn with 50 respaced steps (sec. 4), quick and close to the
+    quality of all T steps when the variances are learned."""
+    shape = (config["num_samples"], 3, config["image_size"], config["image_size"])
+    # Sampling must not change the training run's random stream, so it runs on a forked, restored one.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        torch.manual_seed(config["seed"])  # the same noise every time: the grids show the model improving
+        samples = diffusion.sample(ema, shape, steps=50, device=device)  # (num_samples, 3, H, W) in [-1, 1]
+    util.save_image_grid(samples, os.path.join(config["out_dir"], "samples", f"{step:06d}.png"))
 
 
 def plot_losses(log_path, png_path):
@@ -406,20 +405,17 @@ def main(argv=None):
                                 f"{images_per_s:.1f},{now - start_time:.1f}\n")
                     plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
             if is_main and args.sample_every and step % args.sample_every == 0:
-                save_samples(ema, diffusion, config, os.path.join(args.out_dir, "samples", f"{step:06d}.png"),
-                             args.num_samples, device)
+                save_samples(ema, diffusion, config, step, device)
             if step % args.save_every == 0 and step < args.max_steps:
                 save()
             if at_log_step:
                 last_log_time = time.time()  # images/s counts training only, not the plotting, sampling and saving
             if stop:
-                stop_reason = (f"{stop_signal[0]} received" if stop_signal
-                               else "--max_minutes reached")
+                stop_reason = f"{stop_signal[0]} received" if stop_signal else "--max_minutes reached"
                 break
         save()
         if is_main and (not args.sample_every or step % args.sample_every) and stop_reason == "max_steps":
-            save_samples(ema, diffusion, config, os.path.join(args.out_dir, "samples", f"{step:06d}.png"),
-                         args.num_samples, device)
+            save_samples(ema, diffusion, config, step, device)
         progress.close()
         if is_main:
             print(f"stopped at step {step} ({stop_reason}); checkpoint: {ckpt_path}", file=sys.stderr)

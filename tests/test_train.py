@@ -136,6 +136,16 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(images, tmp_path):
     assert any(not torch.equal(halfway["model"][name], b["model"][name]) for name in b["model"]), "steps 4-6 trained"
 
 
+def test_sample_grids_do_not_change_the_training_run(images, tmp_path):
+    """Sampling draws its own noise from a forked random stream: the weights must not depend on when it runs."""
+    run(images, tmp_path / "without", "--max_steps", "4", "--sample_every", "0", "--dropout", "0.1")
+    run(images, tmp_path / "with", "--max_steps", "4", "--sample_every", "1", "--dropout", "0.1")
+    assert sorted(os.listdir(tmp_path / "with" / "samples")) == [f"00000{i}.png" for i in range(1, 5)]
+    a, b = util.load_checkpoint(tmp_path / "without" / "ckpt.pt"), util.load_checkpoint(tmp_path / "with" / "ckpt.pt")
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
 def test_resumed_log_drops_rows_logged_after_the_checkpoint(images, tmp_path):
     out = tmp_path / "run"
     run(images, out, "--max_steps", "4", "--sample_every", "0")
