@@ -130,7 +130,7 @@ class NumberedImages(torch.utils.data.Dataset):
         fix = f"make one with: python util.py prepare YOUR_IMAGES --out {folder} --size {image_size}"
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"data folder {folder!r} does not exist; {fix}")
-        numbers = sorted(int(name[:-4]) for name in os.listdir(folder) if name.endswith(".png") and name[:-4].isdigit())
+        numbers = sorted(int(path.stem) for path in util.numbered_pngs(folder))
         if not numbers:
             raise FileNotFoundError(f"no numbered PNGs (1.png, 2.png, ...) in {folder!r}; {fix}")
         missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
