@@ -215,16 +215,19 @@ class GaussianDiffusion(nn.Module):
         model_output = at_least_float32(model(x_t, t, **(model_kwargs or {})))  # (B, 2C or C, H, W)
         C = x0.shape[1]
         mse = mean_flat((noise - model_output[:, :C]) ** 2)  # L_simple, DDPM eq. 14
-        if self.loss_type == "mse":
+        if self.loss_type == "kl":
+            vb = self.vb_terms(model_output, x0, x_t, t)
+            return dict(loss=vb * self.num_timesteps, mse=mse, vb=vb)  # L_vlb = T * E_t[L_t], estimated by one t
+        if not self.learn_sigma:
             return dict(loss=mse, mse=mse)
-        if self.loss_type == "hybrid":
-            # eq. 16: L_simple trains the mean; stop the gradient of L_vlb into eps so it trains Sigma alone
-            eps, u = model_output[:, :C].detach(), model_output[:, C:]
-            vb = self.vb_terms(torch.cat([eps, u], dim=1), x0, x_t, t)
-            # lambda = 0.001 is set for T = 1000, where L_vlb = sum over T terms ~ T * E_t[L_t]
-            return dict(loss=mse + vb * self.num_timesteps / 1000, mse=mse, vb=vb)
-        vb = self.vb_terms(model_output, x0, x_t, t)
-        return dict(loss=vb * self.num_timesteps, mse=mse, vb=vb)  # L_vlb = T * E_t[L_t], estimated by one t
+        # Sigma is learned: L_t trains it, with the gradient into eps stopped so that L_simple alone trains the
+        # mean (sec. 3.1). "hybrid" is eq. 16: lambda = 0.001 is set for T = 1000, where L_vlb = sum of the T terms
+        # ~ T * E_t[L_t], so L_t is weighted T / 1000. "mse" adds L_t unweighted, as the reference code does:
+        # without it the v channels would get no gradient and sampling would use an untrained Sigma.
+        eps, u = model_output[:, :C].detach(), model_output[:, C:]
+        vb = self.vb_terms(torch.cat([eps, u], dim=1), x0, x_t, t)
+        vb_weight = self.num_timesteps / 1000 if self.loss_type == "hybrid" else 1.0
+        return dict(loss=mse + vb_weight * vb, mse=mse, vb=vb)
 
     # -- importance sampling of t (sec. 3.3, eq. 18) ---------------------------------------------------------
 
@@ -265,15 +268,17 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample_progressive(self, model, shape, steps=None, ddim=False, eta=0.0, noise=None, clip_denoised=True,
-                           model_kwargs=None, device=None, progress=False):
+                           model_kwargs=None, device=None, progress=False, generator=None):
         """Run the reverse process from x_T ~ N(0, I), yielding dict(t, x, pred_x0) after every step.
-        steps < T samples a respaced process (sec. 4); ddim=True uses DDIM's update (Song et al. 2020, eq. 12)."""
+        steps < T samples a respaced process (sec. 4); ddim=True uses DDIM's update (Song et al. 2020, eq. 12).
+        generator (a torch.Generator on the sampling device) draws x_T and every step's noise, so a sample depends
+        on its own seed only; without one they come from the global random stream."""
         if noise is not None:
             device = noise.device
         elif device is None:
             parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
             device = next(parameters, torch.empty(0)).device
-        x = noise if noise is not None else torch.randn(*shape, device=device)  # x_T
+        x = noise if noise is not None else torch.randn(*shape, device=device, generator=generator)  # x_T
         timesteps, arrays = self.schedule(steps)
         timesteps = timesteps.to(device)
         B = x.shape[0]
@@ -291,35 +296,39 @@ class GaussianDiffusion(nn.Module):
                 sigma = eta * torch.sqrt(at(arrays["posterior_variance"], step, x))
                 x = (at(arrays["sqrt_alphas_cumprod_prev"], step, x) * p["pred_x0"]
                      + torch.sqrt(at(arrays["one_minus_alphas_cumprod_prev"], step, x) - sigma ** 2) * eps
-                     + not_last * sigma * torch.randn_like(x))
+                     + not_last * sigma * torch.randn(x.shape, device=device, generator=generator))
             else:
-                x = p["mean"] + not_last * torch.exp(0.5 * p["log_variance"]) * torch.randn_like(x)
+                x = p["mean"] + not_last * torch.exp(0.5 * p["log_variance"]) * torch.randn(
+                    x.shape, device=device, generator=generator)
             yield dict(t=t, x=x, pred_x0=p["pred_x0"])
 
     @torch.no_grad()
     def sample(self, model, shape, steps=None, ddim=False, eta=0.0, noise=None, clip_denoised=True,
-               model_kwargs=None, device=None, progress=False):
+               model_kwargs=None, device=None, progress=False, generator=None):
         """Samples x_0 in [-1, 1] of the given shape (B, C, H, W)."""
         for out in self.sample_progressive(model, shape, steps, ddim, eta, noise, clip_denoised, model_kwargs,
-                                           device, progress):
+                                           device, progress, generator):
             x = out["x"]
         return x.clamp(-1, 1)
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def bpd(self, model, x0, clip_denoised=True, model_kwargs=None, progress=False):
+    def bpd(self, model, x0, clip_denoised=True, model_kwargs=None, progress=None):
         """The full variational bound in bits/dim (the paper's NLL, e.g. 2.94 on CIFAR-10): every L_t, t = 0..T-1,
-        each on a fresh x_t ~ q(x_t | x_0), plus the prior term L_T = KL(q(x_T | x_0) || N(0, I))."""
+        each on a fresh x_t ~ q(x_t | x_0), plus the prior term L_T = KL(q(x_T | x_0) || N(0, I)).
+        progress: a tqdm bar to advance by B at every t (one bar over many batches), or None."""
         B, T = x0.shape[0], self.num_timesteps
         vb, mse = torch.zeros(B, T, device=x0.device), torch.zeros(B, T, device=x0.device)
-        for step in tqdm(range(T), desc="bits/dim", disable=not progress, leave=False):
+        for step in range(T):
             t = torch.full((B,), step, device=x0.device, dtype=torch.long)
             noise = torch.randn_like(x0)
             x_t = self.q_sample(x0, t, noise)
             model_output = at_least_float32(model(x_t, t, **(model_kwargs or {})))
             vb[:, step] = self.vb_terms(model_output, x0, x_t, t, clip_denoised)
             mse[:, step] = mean_flat((noise - model_output[:, :x0.shape[1]]) ** 2)
+            if progress is not None:
+                progress.update(B)
         last = torch.full((B,), T - 1, device=x0.device, dtype=torch.long)
         mean = at(self.sqrt_alphas_cumprod, last, x0) * x0
         log_variance = 2 * torch.log(at(self.sqrt_one_minus_alphas_cumprod, last, x0))

@@ -432,8 +432,23 @@ def test_kl_loss_trains_the_mean_too():
     assert grads(out["loss"].sum(), model.eps_conv) > 0.0
 
 
+def test_mse_with_learned_sigma_trains_the_variance_and_only_it_through_vb():
+    """loss_type="mse" with learn_sigma: as in the reference code the loss is L_simple + L_t, so the v channels get
+    a gradient (from L_t) and the eps channels none from L_t (stop-gradient on the mean)."""
+    torch.manual_seed(7)
+    d = GaussianDiffusion(50, "cosine", learn_sigma=True, loss_type="mse")
+    model = ConvToy(3)
+    x0 = torch.rand(3, 3, 4, 4) * 2 - 1
+    out = d.training_losses(model, x0, torch.tensor([0, 5, 30]))
+    assert grads(out["loss"].sum(), model.var_conv) > 0.0
+    assert grads(out["vb"].sum(), model.var_conv) > 0.0
+    assert grads(out["vb"].sum(), model.eps_conv) == 0.0
+    assert grads(out["loss"].sum(), model.eps_conv) == pytest.approx(grads(out["mse"].sum(), model.eps_conv))
+
+
 def test_loss_composition():
-    """hybrid: loss = mse + vb T/1000 (lambda = 0.001 on vb T); kl: loss = vb T; mse has no vb; mse by hand."""
+    """hybrid: loss = mse + vb T/1000 (lambda = 0.001 on vb T); kl: loss = vb T; mse with learned sigma:
+    mse + vb, unscaled (the reference code's MSE); mse with fixed sigma has no vb; mse by hand."""
     T = 50
     torch.manual_seed(9)
     x0 = torch.rand(4, 3, 4, 4) * 2 - 1
@@ -444,7 +459,7 @@ def test_loss_composition():
     mse_by_hand = ((npy(noise) - npy(eps_hat)) ** 2).mean(axis=(1, 2, 3))
 
     outs = {}
-    for loss_type in ["hybrid", "kl"]:
+    for loss_type in ["hybrid", "kl", "mse"]:
         d = GaussianDiffusion(T, "cosine", learn_sigma=True, loss_type=loss_type)
         outs[loss_type] = out = d.training_losses(constant_model(eps_hat, u), x0, t, noise=noise)
         for key in ["loss", "mse", "vb"]:
@@ -455,6 +470,8 @@ def test_loss_composition():
                                mse_by_hand + npy(outs["hybrid"]["vb"]) * T / 1000, rtol=1e-5)
     np.testing.assert_allclose(npy(outs["kl"]["loss"]), npy(outs["kl"]["vb"]) * T, rtol=1e-5)
     np.testing.assert_allclose(npy(outs["kl"]["vb"]), npy(outs["hybrid"]["vb"]), rtol=1e-5)  # same L_t
+    np.testing.assert_allclose(npy(outs["mse"]["vb"]), npy(outs["hybrid"]["vb"]), rtol=1e-5)
+    np.testing.assert_allclose(npy(outs["mse"]["loss"]), mse_by_hand + npy(outs["hybrid"]["vb"]), rtol=1e-5)
 
     d = GaussianDiffusion(T, "cosine", learn_sigma=False, loss_type="mse")
     out = d.training_losses(constant_model(eps_hat), x0, t, noise=noise)
