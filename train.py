@@ -18,26 +18,18 @@ import time
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 import util
-from diffusion import GaussianDiffusion
-from unet import UNet
 
 
 def int_list(text):
     return tuple(int(part) for part in text.split(",") if part.strip())
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's line breaks and shows every flag's default."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
     on_off = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data/emoji",
@@ -63,7 +55,8 @@ def parse_args(argv=None):
                    help="cosine (eq. 17) or DDPM's linear")
     g.add_argument("--learn_sigma", action=on_off, default=True, help="learn the reverse-process variances (eq. 15)")
     g.add_argument("--loss_type", choices=("hybrid", "mse", "kl"), default="hybrid",
-                   help="hybrid = L_simple + 0.001 L_vlb (eq. 16); kl = L_vlb alone")
+                   help="hybrid = L_simple + 0.001 L_vlb (eq. 16); kl = L_vlb alone; mse = L_simple, plus L_t "
+                   "unweighted (not 0.001 T) to train the variances when --learn_sigma, as the reference code does")
     g.add_argument("--importance_sampling", action=on_off, default=False,
                    help="sample t with p_t ∝ sqrt(E[L_t^2]) (eq. 18); meant for --loss_type kl")
     g = p.add_argument_group("optimisation")
@@ -106,64 +99,8 @@ ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks",
                 "num_timesteps", "noise_schedule", "learn_sigma", "loss_type", "importance_sampling")
 
 
-def build_model_and_diffusion(config):
-    """The network and the process a config (a dict of train.py's flags) describes."""
-    model = UNet(image_size=config["image_size"], base_channels=config["base_channels"],
-                 channel_mult=tuple(config["channel_mult"]), num_res_blocks=config["num_res_blocks"],
-                 attention_resolutions=tuple(config["attention_resolutions"]), num_heads=config["num_heads"],
-                 dropout=config["dropout"], learn_sigma=config["learn_sigma"])
-    diffusion = GaussianDiffusion(num_timesteps=config["num_timesteps"], noise_schedule=config["noise_schedule"],
-                                  learn_sigma=config["learn_sigma"], loss_type=config["loss_type"],
-                                  importance_sampling=config["importance_sampling"])
-    return model, diffusion
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Data
-
-
-class NumberedImages(torch.utils.data.Dataset):
-    """1.png ... N.png as (3, size, size) tensors in [-1, 1]. Indices N..2N-1 are the same images mirrored: the
-    random horizontal flip, chosen by the seeded sampler below so that a resumed run sees the same batches."""
-
-    def __init__(self, folder, image_size):
-        fix = f"make one with: python util.py prepare YOUR_IMAGES --out {folder} --size {image_size}"
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"data folder {folder!r} does not exist; {fix}")
-        numbers = sorted(int(path.stem) for path in util.numbered_pngs(folder))
-        if not numbers:
-            raise FileNotFoundError(f"no numbered PNGs (1.png, 2.png, ...) in {folder!r}; {fix}")
-        missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
-        if missing:
-            raise FileNotFoundError(
-                f"{os.path.join(folder, f'{missing[0]}.png')} is missing "
-                f"({len(missing)} of 1..{numbers[-1]}.png are missing): "
-                f"the images must be numbered without gaps; renumber them with: "
-                f"python util.py prepare {folder} --out {folder}_renumbered --size {image_size}")
-        self.paths = [os.path.join(folder, f"{n}.png") for n in numbers]
-        self.image_size = image_size
-        self.reported = set()
-
-    def __len__(self):
-        return 2 * len(self.paths)
-
-    def __getitem__(self, index):
-        # A corrupt file must not kill a long run: report it once and use the next image instead.
-        for attempt in range(len(self.paths)):
-            path = self.paths[(index + attempt) % len(self.paths)]
-            try:
-                with Image.open(path) as img:
-                    img = util.center_crop_resize(util.to_rgb(img), self.image_size)
-                break
-            except (OSError, ValueError, SyntaxError) as error:
-                if path not in self.reported:
-                    self.reported.add(path)
-                    print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr)
-        else:
-            raise RuntimeError(f"no readable image among the {len(self.paths)} files of {os.path.dirname(path)}")
-        if index >= len(self.paths):
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(img).float() / 127.5 - 1  # (3, size, size), uint8 0..255 -> [-1, 1]
+# Data: the images come from util.NumberedImages (eval.py reads the same folders); here, only their order
 
 
 class ShuffleForever(torch.utils.data.Sampler):
@@ -243,12 +180,12 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     try:  # check the data first: a bad folder stops the run at once, with one line saying what to do
-        dataset = NumberedImages(args.data_dir, args.image_size)
+        dataset = util.NumberedImages(args.data_dir, args.image_size)
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}") from None
 
     # -- model, process, optimiser --------------------------------------------------------------------------
-    model, diffusion = build_model_and_diffusion(config)
+    model, diffusion = util.build_model_and_diffusion(config)
     model.to(device)
     diffusion.to(device)
     if device.type == "cuda":
@@ -260,7 +197,10 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     step, checkpoint = 0, None
     if os.path.exists(ckpt_path):
-        checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
+        try:
+            checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}; move it away to start a new run in {args.out_dir}") from None
         changed = [f"--{k} {checkpoint['config'].get(k)} (now {config[k]})" for k in ARCHITECTURE
                    if checkpoint["config"].get(k) != config[k] and str(checkpoint["config"].get(k)) != str(config[k])]
         if changed:
@@ -350,7 +290,7 @@ def main(argv=None):
             if device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             t, weights = diffusion.sample_timesteps(x0.shape[0], device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with util.autocast(device, amp_dtype):
                 losses = diffusion.training_losses(train_model, x0, t)
             loss = (losses["loss"] * weights).mean()
             lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))

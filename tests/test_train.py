@@ -41,7 +41,7 @@ def run(data_dir, out_dir, *flags):
 # -- data ------------------------------------------------------------------------------------------------------
 
 def test_dataset_yields_images_in_range_and_their_mirrors(images):
-    dataset = train.NumberedImages(images, 16)
+    dataset = util.NumberedImages(images, 16)
     assert len(dataset) == 2 * 12
     x = dataset[3]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
@@ -57,7 +57,7 @@ def test_dataset_converts_modes_and_sizes_to_rgb_squares(tmp_path):
     Image.new("L", (16, 16), 0).save(folder / "1.png")
     Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(folder / "2.png")  # fully transparent
     Image.new("RGB", (40, 20), (0, 0, 255)).save(folder / "3.png")  # wide, and larger than 16
-    dataset = train.NumberedImages(str(folder), 16)
+    dataset = util.NumberedImages(str(folder), 16)
     gray, transparent, wide = dataset[0], dataset[1], dataset[2]
     assert gray.shape == transparent.shape == wide.shape == (3, 16, 16)
     assert torch.all(gray == -1)
@@ -69,22 +69,22 @@ def test_dataset_names_the_missing_file_of_a_gap(tmp_path):
     folder = write_images(str(tmp_path / "gap"), 5)
     os.remove(os.path.join(folder, "3.png"))
     with pytest.raises(FileNotFoundError, match=r"3\.png is missing") as error:
-        train.NumberedImages(folder, 16)
+        util.NumberedImages(folder, 16)
     assert "util.py prepare" in str(error.value)
 
 
 def test_dataset_rejects_empty_and_missing_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no numbered PNGs"):
-        train.NumberedImages(str(tmp_path / "empty"), 16)
+        util.NumberedImages(str(tmp_path / "empty"), 16)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.NumberedImages(str(tmp_path / "nowhere"), 16)
+        util.NumberedImages(str(tmp_path / "nowhere"), 16)
 
 
 def test_corrupt_image_is_reported_and_skipped(images, capsys):
     with open(os.path.join(images, "5.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is not an image")
-    dataset = train.NumberedImages(images, 16)
+    dataset = util.NumberedImages(images, 16)
     x = dataset[4]
     assert torch.equal(x, dataset[5]), "the next image replaces the corrupt one"
     assert "5.png" in capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_training_smoke_writes_checkpoint_log_and_samples(images, tmp_path):
     grid = Image.open(out / "samples" / "000004.png")
     assert grid.size == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2))  # 4 samples, 2 x 2 with padding 2
     assert (out / "samples" / "000002.png").exists()
-    model, _ = train.build_model_and_diffusion(checkpoint["config"])
+    model, _ = util.build_model_and_diffusion(checkpoint["config"])
     model.load_state_dict(checkpoint["ema"])  # the checkpoint alone rebuilds the model
 
 
@@ -164,7 +164,7 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(images, tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
-    build = train.build_model_and_diffusion
+    build = util.build_model_and_diffusion
 
     def build_with_a_loss_that_explodes(config):
         model, diffusion = build(config)
@@ -180,7 +180,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         diffusion.training_losses = training_losses
         return model, diffusion
 
-    monkeypatch.setattr(train, "build_model_and_diffusion", build_with_a_loss_that_explodes)
+    monkeypatch.setattr(util, "build_model_and_diffusion", build_with_a_loss_that_explodes)
     with pytest.raises(FloatingPointError, match="at step 5"):
         run(images, tmp_path / "run", "--max_steps", "10", "--save_every", "2", "--log_every", "3", "--sample_every", "0")
     checkpoint = util.load_checkpoint(tmp_path / "run" / "ckpt.pt")
@@ -212,10 +212,10 @@ def test_torchrun_two_processes_keep_identical_weights(images, tmp_path):
     launcher.write_text(textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {ROOT!r})
-        import train
+        import train, util
         built = []
-        build = train.build_model_and_diffusion
-        train.build_model_and_diffusion = lambda config: built.append(build(config)) or built[-1]
+        build = util.build_model_and_diffusion
+        util.build_model_and_diffusion = lambda config: built.append(build(config)) or built[-1]
         train.main(sys.argv[1:])
         torch.save(built[0][0].state_dict(), os.path.join({str(out)!r}, "rank" + os.environ["RANK"] + ".pt"))
     """))

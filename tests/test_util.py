@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import random
 import re
@@ -12,6 +13,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # util.py lives in the repo root, one level up
 import util  # noqa: E402
+
+# data/emoji.py, the bundled data's builder, loaded from its file: "emoji" alone could be an installed package
+_spec = importlib.util.spec_from_file_location("emoji_builder", ROOT / "data" / "emoji.py")
+emoji_builder = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emoji_builder)
 
 WHITE, RED = (255, 255, 255), (255, 0, 0)
 NOTO = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -185,7 +191,7 @@ class WritesAFileWhenUnpickled:
 def test_load_checkpoint_refuses_pickled_code(tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"model": WritesAFileWhenUnpickled(marker)}, path)
-    with pytest.raises(RuntimeError, match=r"refused to load .*evil\.pt.*not a checkpoint made by this project"):
+    with pytest.raises(ValueError, match=r"refused to load .*evil\.pt.*not a checkpoint made by this project"):
         util.load_checkpoint(path)
     assert not marker.exists()
 
@@ -268,16 +274,17 @@ def test_bundled_emoji_are_contiguous_32px_rgb_with_a_5_percent_test_split():
 
 
 def test_skin_tone_goes_after_the_base_and_replaces_vs16():
-    detective_man = (0x1F575, util.VS16, util.ZWJ, util.MALE, util.VS16)
-    assert util.with_skin_tone(detective_man, 0x1F3FB) == (0x1F575, 0x1F3FB, util.ZWJ, util.MALE, util.VS16)
-    assert util.with_skin_tone((0x1F476,), 0x1F3FF) == (0x1F476, 0x1F3FF)
-    sequences = util.emoji_sequences()
+    e = emoji_builder
+    detective_man = (0x1F575, e.VS16, e.ZWJ, e.MALE, e.VS16)
+    assert e.with_skin_tone(detective_man, 0x1F3FB) == (0x1F575, 0x1F3FB, e.ZWJ, e.MALE, e.VS16)
+    assert e.with_skin_tone((0x1F476,), 0x1F3FF) == (0x1F476, 0x1F3FF)
+    sequences = e.emoji_sequences()
     assert sequences == sorted(set(sequences))  # sorted, no duplicates: a stable numbering
 
 
 @pytest.mark.skipif(not os.path.exists(NOTO), reason="needs fonts-noto-color-emoji")
 def test_regenerating_the_emoji_gives_the_bundled_images(tmp_path):
-    util.emoji(NOTO, tmp_path / "emoji", size=32, test_fraction=0.05, seed=0)
+    emoji_builder.emoji(NOTO, tmp_path / "emoji", size=32, test_fraction=0.05, seed=0)
     for folder in ["emoji", "emoji_test"]:
         bundled = numbers_of(ROOT / "data" / folder)
         assert numbers_of(tmp_path / folder) == bundled
