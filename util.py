@@ -224,6 +224,8 @@ def load_checkpoint(path, map_location="cpu"):
     str, numbers), so a file that smuggles in code is refused instead of run. Raises FileNotFoundError or
     ValueError with a one-line message."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a folder; pass the checkpoint in it, e.g. {os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path, or train one with train.py")
     try:
