@@ -1,0 +1,234 @@
+"""
+Look at a trained model and measure it: its samples, how they form, and the paper's likelihood in bits/dim.
+
+    python eval.py runs/emoji/ckpt.pt                           # pictures into runs/emoji/eval/
+    python eval.py runs/emoji/ckpt.pt --steps 50 --ddim         # the same with 50 DDIM steps
+    python eval.py runs/emoji/ckpt.pt --nll data/emoji_test     # and bits/dim on held-out images
+
+Everything goes into --out (default: eval/ beside the checkpoint):
+    grid.png          16 samples, 4x4
+    process/N.png     how sample N forms: x_t at about 20 steps, from noise (left) to the image (right)
+    pred_x0/N.png     the network's estimate of the final image, x^_0, at the same steps
+    denoise.gif       the grid forming, step by step
+    steps.png         the same starting noise sampled with K = 10, 25, 50, 100 and all T steps, a column per K:
+                      learned variances keep most of the quality at few steps (sec. 4)
+    nll.csv, nll.png  with --nll: each term L_t of the variational bound, in bits/dim, against t
+
+The model, the process and the EMA weights come from the checkpoint: no other flag is needed. The same --seed
+gives the same pictures (on the same kind of device).
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import util
+
+GRID_SIZE = 16  # samples in grid.png, 4 x 4
+STRIP_FRAMES = 20  # frames in each process/ and pred_x0/ strip
+GIF_FRAMES = 50  # frames of denoise.gif
+STEPS_COMPARED = (10, 25, 50, 100)  # steps.png's columns, then T
+STEPS_ROWS = 8  # samples (rows) in steps.png
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
+    p.add_argument("checkpoint", help="OUT/ckpt.pt written by train.py; the model is rebuilt from the config inside")
+    p.add_argument("--out", default=None, help="folder for the results (default: eval/ beside the checkpoint)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps K for grid, process, pred_x0 and the gif; fewer than the T of training "
+                   "samples the respaced process (sec. 4) (default: T, all steps)")
+    p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral sampling")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
+    p.add_argument("--seed", type=int, default=0, help="seeds the starting noise, every step's noise and --nll's")
+    p.add_argument("--nll", default=None, metavar="DATA_DIR",
+                   help="also measure the variational bound in bits/dim (all T terms and the prior) on the images "
+                   "1.png ... N.png of DATA_DIR, e.g. data/emoji_test: T network calls per image")
+    p.add_argument("--num", type=int, default=256,
+                   help="--nll: how many of DATA_DIR's images, from 1.png on (all of them if fewer)")
+    p.add_argument("--batch_size", type=int, default=64, help="--nll: images per network call")
+    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast for the pictures: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on "
+                   "the CPU. --nll always runs in fp32: the small-t terms need the precision")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling, with the intermediate steps kept
+
+
+def evenly_spaced(num_steps, count):
+    """count indices (all of them if there are fewer) from 0 to num_steps - 1, both ends included."""
+    count = min(count, num_steps)
+    return sorted({round(i * (num_steps - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def sample_keeping(diffusion, model, noise, steps, args, keep=()):
+    """Sample from x_T = noise with `steps` steps. Returns the final x_0 (B, C, H, W) and, for every step index
+    in keep (0 = the first step, from x_T), that step's x_{t-1} and x^_0 on the CPU. The steps' noise comes from
+    a generator seeded by --seed, so different step counts start from the same x_T and the same seed."""
+    generator = torch.Generator(noise.device).manual_seed(args.seed + 1)
+    kept = {}
+    for i, out in enumerate(diffusion.sample_progressive(model, noise.shape, steps, args.ddim, args.eta, noise=noise,
+                                                         progress=True, generator=generator)):
+        if i in keep:
+            kept[i] = (out["x"].float().cpu(), out["pred_x0"].float().cpu())
+    return out["x"].clamp(-1, 1), kept
+
+
+def save_strips(frames, folder):
+    """frames: (F, B, C, H, W) -> folder/1.png ... B.png, each the F frames of one sample side by side."""
+    for n in range(frames.shape[1]):
+        util.save_image_grid(frames[:, n], os.path.join(folder, f"{n + 1}.png"), nrow=frames.shape[0])
+
+
+def save_gif(frames, path, nrow):
+    """frames: (F, B, C, H, W) -> an animated GIF of the grid, 80 ms a frame, the last one held for 2 s."""
+    images = [util.image_grid(frame, nrow) for frame in frames]
+    durations = [80] * (len(images) - 1) + [2000]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
+def save_labelled_columns(columns, labels, path):
+    """columns: list of (N, C, H, W) in [-1, 1] -> one PNG, a column per entry with its label on top, images
+    enlarged (nearest) to at least 64 px so that the labels fit."""
+    scale = max(1, math.ceil(64 / columns[0].shape[-1]))
+    grids = [util.image_grid(column, nrow=1) for column in columns]
+    grids = [grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) for grid in grids]
+    font = ImageFont.load_default(size=12)
+    header = 20
+    canvas = Image.new("RGB", (sum(grid.width for grid in grids), header + grids[0].height), "white")
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for grid, label in zip(grids, labels):
+        canvas.paste(grid, (left, header))
+        draw.text((left + grid.width / 2, header / 2), label, fill="black", font=font, anchor="mm")
+        left += grid.width
+    canvas.save(path)
+
+
+def make_pictures(diffusion, model, config, args, device, amp_dtype, out):
+    T = diffusion.num_timesteps
+    steps = args.steps or T
+    channels, size = model.input_conv.in_channels, config["image_size"]
+    noise_generator = torch.Generator(device).manual_seed(args.seed)
+    noise = torch.randn(GRID_SIZE, channels, size, size, device=device, generator=noise_generator)  # x_T
+    strip_steps, gif_steps = evenly_spaced(steps, STRIP_FRAMES), evenly_spaced(steps, GIF_FRAMES)
+    print(f"sampling {GRID_SIZE} images with {steps} {'DDIM' if args.ddim else 'ancestral'} steps", file=sys.stderr)
+    with util.autocast(device, amp_dtype):
+        samples, kept = sample_keeping(diffusion, model, noise, steps, args, keep=set(strip_steps) | set(gif_steps))
+    util.save_image_grid(samples, os.path.join(out, "grid.png"), nrow=4)
+    xs = torch.stack([kept[i][0] for i in strip_steps])  # (frames, 16, C, H, W); the last frame is the sample
+    pred_x0s = torch.stack([kept[i][1] for i in strip_steps])
+    save_strips(xs, os.path.join(out, "process"))
+    save_strips(pred_x0s, os.path.join(out, "pred_x0"))
+    save_gif(torch.stack([kept[i][0] for i in gif_steps]), os.path.join(out, "denoise.gif"), nrow=4)
+
+    # steps.png: the paper's sec. 4 in one picture. Every column starts from the same x_T.
+    counts = sorted({k for k in STEPS_COMPARED if k < T} | {T})
+    columns = []
+    for k in counts:
+        if k == steps:
+            columns.append(samples[:STEPS_ROWS])  # sampled above already
+            continue
+        print(f"steps.png: sampling with {k} steps", file=sys.stderr)
+        with util.autocast(device, amp_dtype):
+            columns.append(sample_keeping(diffusion, model, noise[:STEPS_ROWS], k, args)[0])
+    labels = [f"K={k}" if k < T else f"T={k}" for k in counts]
+    save_labelled_columns([column.float().cpu() for column in columns], labels, os.path.join(out, "steps.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Likelihood: the full variational bound (eq. 4-6), in bits/dim
+
+
+def measure_nll(diffusion, model, dataset, args, device, out):
+    """dataset: util.NumberedImages of --nll's folder, (3, size, size) in [-1, 1]."""
+    num = min(args.num, len(dataset) // 2)  # the first half of the dataset's indices: the images, not mirrored
+    T = diffusion.num_timesteps
+    torch.manual_seed(args.seed)  # bpd draws a fresh x_t for every term
+    # fp32 through and through: the terms at small t compare means that differ by less than bf16 or TF32 resolve
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    totals, priors, vb_sums, mse_sums = [], [], torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
+    progress = tqdm(total=num * T, desc="bits/dim (images x T)", unit="call", unit_scale=True, dynamic_ncols=True)
+    for start in range(0, num, args.batch_size):
+        x0 = torch.stack([dataset[i] for i in range(start, min(start + args.batch_size, num))]).to(device)
+        result = diffusion.bpd(model, x0, progress=progress)  # vb, mse: (B, T); total_bpd, prior_bpd: (B,)
+        totals.append(result["total_bpd"].cpu())
+        priors.append(result["prior_bpd"].cpu())
+        vb_sums += result["vb"].sum(dim=0).cpu().double()
+        mse_sums += result["mse"].sum(dim=0).cpu().double()
+    progress.close()
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    totals, priors = torch.cat(totals).double(), torch.cat(priors).double()
+    vb_means, mse_means = vb_sums / num, mse_sums / num
+
+    with open(os.path.join(out, "nll.csv"), "w") as f:
+        f.write("t,vb_bpd,mse\n")  # t = 0 is the decoder term L_0; mean over the images
+        for t in range(T):
+            f.write(f"{t},{vb_means[t]:.9g},{mse_means[t]:.9g}\n")
+    plot_nll(vb_means, os.path.join(out, "nll.png"), f"{num} images of {args.nll}")
+    standard_error = totals.std() / math.sqrt(num) if num > 1 else float("nan")
+    print(f"bits/dim on {num} images of {args.nll}: {totals.mean():.4f} ± {standard_error:.4f} (standard error)")
+    print(f"  prior L_T: {priors.mean():.3e}   decoder L_0: {vb_means[0]:.4f}   "
+          f"L_1 ... L_{T - 1}: {vb_means[1:].sum():.4f}   (sum of the terms in nll.csv + prior = total)")
+
+
+def plot_nll(vb_means, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib is not installed, so no nll.png: pip install matplotlib", file=sys.stderr)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(len(vb_means)), vb_means.numpy())
+    ax.set(xlabel="t (0 = the decoder term L_0)", ylabel="L_t, bits/dim", yscale="log",
+           title=f"terms of the variational bound, {title}")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = util.pick_device(args.device)
+    try:
+        model, diffusion, config, step = util.load_model(args.checkpoint, device, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    T = diffusion.num_timesteps
+    if args.steps is not None and not 1 <= args.steps <= T:
+        raise SystemExit(f"error: --steps {args.steps} must be between 1 and the T = {T} the model was trained with")
+    if args.num < 1 or args.batch_size < 1:
+        raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
+    if args.nll:  # a bad folder is found before minutes of sampling, not after
+        try:
+            dataset = util.NumberedImages(args.nll, config["image_size"])
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: --nll: {error}") from None
+    amp_dtype = util.autocast_dtype(device, args.precision)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    os.makedirs(out, exist_ok=True)
+    print(f"{args.checkpoint}: step {step}, {'EMA' if not args.no_ema else 'raw'} weights, {device}, "
+          f"autocast {amp_dtype}", file=sys.stderr)
+
+    torch.manual_seed(args.seed)
+    make_pictures(diffusion, model, config, args, device, amp_dtype, out)
+    if args.nll:
+        measure_nll(diffusion, model, dataset, args, device, out)
+    print(f"wrote grid.png, process/, pred_x0/, denoise.gif, steps.png{', nll.csv, nll.png' if args.nll else ''} "
+          f"to {out}")
+
+
+if __name__ == "__main__":
+    main()

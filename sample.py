@@ -1,0 +1,132 @@
+"""
+Generate images from a trained model as numbered PNGs 1.png ... N.png, e.g. for FID.
+
+    python sample.py runs/emoji/ckpt.pt --num 64 --steps 50       # 50 respaced steps (sec. 4): 20x faster
+    python sample.py runs/anime64/ckpt.pt --num 50000 --out samples/ --npz samples.npz
+    python -m pytorch_fid samples/ AnimeFaces64/                   # FID (pip install pytorch-fid)
+
+Images are made in batches. Batch b draws all its noise from its own generator, seeded by --seed and b, and is
+always drawn at the full --batch_size, so image i depends only on the checkpoint, the sampling flags, --seed,
+--batch_size and i (not on --num, nor on which batches ran before). Hence the same seed and batch size give the
+same images, and a run that was interrupted continues, when the same command is run again, with the batches it
+had not finished, writing the images an uninterrupted run would have written. OUT/sampling.json records the
+flags, so that a folder is never filled from two different runs. Results depend on the device (CPU or GPU).
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import util
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
+    p.add_argument("checkpoint", help="OUT/ckpt.pt written by train.py; the model is rebuilt from the config inside")
+    p.add_argument("--num", type=int, default=64, help="how many images (FID: 50000)")
+    p.add_argument("--out", default=None, help="folder for 1.png ... N.png (default: generated/ beside the checkpoint)")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="images per batch: as large as memory allows; changing it changes the images")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps K; fewer than the T of training samples the respaced process (sec. 4) "
+                   "(default: T, all steps)")
+    p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral sampling")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
+    p.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images")
+    p.add_argument("--npz", default=None, metavar="FILE",
+                   help="also write all N images as one uint8 array (N, H, W, 3) to FILE, under the key arr_0")
+    p.add_argument("--no_ema", action="store_true", help="sample from the raw weights instead of the EMA weights")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    return p.parse_args(argv)
+
+
+def batch_generator(seed, batch, device):
+    """Batch b's own random stream (x_T and every step's noise), the same whoever ran the batches before it."""
+    return torch.Generator(device).manual_seed(seed * 1_000_000 + batch)
+
+
+def save_png(pixels, path):
+    """(H, W, 3) uint8 -> PNG, written to a temporary name and renamed: a PNG that exists is a complete one."""
+    Image.fromarray(pixels.numpy()).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def check_output_folder(out, settings):
+    """out may hold only what an earlier run of this same command wrote; record the command there."""
+    manifest = os.path.join(out, "sampling.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            previous = json.load(f)
+        changed = [f"{key} {previous.get(key)} (now {value})" for key, value in settings.items()
+                   if previous.get(key) != value]
+        if changed:
+            raise SystemExit(f"error: {out} holds images of another sampling run ({', '.join(changed)}): run that "
+                             f"command to continue it, or pass another --out")
+    elif util.numbered_pngs(out):
+        raise SystemExit(f"error: {out} already holds numbered PNGs that sample.py did not write; pass another --out")
+    os.makedirs(out, exist_ok=True)
+    with open(manifest + ".tmp", "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(manifest + ".tmp", manifest)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = util.pick_device(args.device)
+    try:
+        model, diffusion, config, step = util.load_model(args.checkpoint, device, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    T = diffusion.num_timesteps
+    steps = args.steps or T
+    if not 1 <= steps <= T:
+        raise SystemExit(f"error: --steps {args.steps} must be between 1 and the T = {T} the model was trained with")
+    if args.num < 1 or args.batch_size < 1:
+        raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
+    amp_dtype = util.autocast_dtype(device, args.precision)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "generated")
+    settings = dict(checkpoint=os.path.abspath(args.checkpoint), checkpoint_step=step, ema=not args.no_ema,
+                    steps=steps, ddim=args.ddim, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                    device=device.type, precision=str(amp_dtype or torch.float32))
+    check_output_folder(out, settings)
+
+    def png(i):
+        return os.path.join(out, f"{i}.png")
+
+    # image i (1-based) is row (i - 1) % batch_size of batch (i - 1) // batch_size
+    num_batches = math.ceil(args.num / args.batch_size)
+    numbers = [range(b * args.batch_size + 1, min((b + 1) * args.batch_size, args.num) + 1) for b in range(num_batches)]
+    todo = [b for b in range(num_batches) if not all(os.path.exists(png(i)) for i in numbers[b])]
+    done = args.num - sum(len(numbers[b]) for b in todo)
+    if done:
+        print(f"continuing in {out}: {done} of {args.num} images are there already")
+    shape = (args.batch_size, model.input_conv.in_channels, config["image_size"], config["image_size"])
+    progress = tqdm(total=args.num, initial=done, unit="img", desc="sampling", dynamic_ncols=True)
+    for b in todo:
+        with util.autocast(device, amp_dtype):
+            x = diffusion.sample(model, shape, steps=steps, ddim=args.ddim, eta=args.eta, device=device,
+                                 generator=batch_generator(args.seed, b, device), progress=True)  # (B, 3, H, W)
+        pixels = util.to_uint8(x)  # (batch_size, H, W, 3); the last batch keeps only the images it needs
+        for i, image in zip(numbers[b], pixels):
+            save_png(image, png(i))
+        progress.update(len(numbers[b]))
+    progress.close()
+    print(f"wrote {args.num} images ({config['image_size']}x{config['image_size']}) to {out}")
+
+    if args.npz:
+        images = np.stack([np.asarray(Image.open(png(i)).convert("RGB")) for i in range(1, args.num + 1)])
+        with open(args.npz + ".tmp", "wb") as f:  # a file object: np.savez would add .npz to a name
+            np.savez(f, arr_0=images)  # (N, H, W, 3) uint8, the layout of the reference code's evaluator
+        os.replace(args.npz + ".tmp", args.npz)
+        print(f"wrote {args.npz}: {images.shape} {images.dtype}")
+
+
+if __name__ == "__main__":
+    main()
