@@ -53,8 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="--nll: images per network call")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast for the pictures: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on "
-                   "the CPU. --nll always runs in fp32: the small-t terms need the precision")
+                   help="autocast for the pictures: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs "
+                   "with AVX-512 BF16 or AMX), fp16 on older GPUs, else fp32. --nll always runs in fp32: the small-t "
+                   "terms need the precision")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 

@@ -42,7 +42,8 @@ def parse_args(argv=None):
                    help="also write all N images as one uint8 array (N, H, W, 3) to FILE, under the key arr_0")
     p.add_argument("--no_ema", action="store_true", help="sample from the raw weights instead of the EMA weights")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU")
+                   help="autocast: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs with AVX-512 "
+                   "BF16 or AMX), fp16 on older GPUs, else fp32")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 

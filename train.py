@@ -7,6 +7,7 @@ Train an Improved DDPM (Nichol & Dhariwal 2021) on a folder of numbered PNGs 1.p
 
 Everything lands in --out_dir: ckpt.pt (model, EMA, optimiser, config: enough to resume or sample), log.csv,
 loss.png and samples/STEP.png. A run resumes from OUT/ckpt.pt when it exists. SIGTERM or Ctrl-C saves and exits.
+Then look at the model with `python eval.py OUT/ckpt.pt`, or generate images with `python sample.py OUT/ckpt.pt`.
 """
 import argparse
 import copy
@@ -84,8 +85,8 @@ def parse_args(argv=None):
     g.add_argument("--log_every", type=int, default=50,
                    help="append to OUT/log.csv and redraw OUT/loss.png every N steps")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast: auto = bf16 on GPUs that have it, else fp16 with a gradient scaler on CUDA, "
-                   "else fp32")
+                   help="autocast: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs with AVX-512 BF16 "
+                   "or AMX), else fp16 with a gradient scaler on a GPU, else fp32. bf16 elsewhere is emulated: slow")
     g.add_argument("--compile", action=on_off, default=False,
                    help="torch.compile the model (faster on GPU after a minute of compiling)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
@@ -157,6 +158,31 @@ def plot_losses(log_path, png_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
+
+
+def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step, args, amp_dtype):
+    """One AdamW step on the batch x0 (B, 3, H, W), then the EMA update. train_model is model, or its DDP or
+    torch.compile wrapper. Returns the weighted mean loss, the per-example losses and the gradient norm, left on the
+    device: reading them would make the CPU wait for the GPU."""
+    t, weights = diffusion.sample_timesteps(x0.shape[0], x0.device)  # weights: importance sampling's 1 / (T p_t)
+    with util.autocast(x0.device, amp_dtype):
+        losses = diffusion.training_losses(train_model, x0, t)
+    loss = (losses["loss"] * weights).mean()
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))  # linear warm-up
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # the scaler multiplies fp16 losses so small gradients do not flush to zero
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    if diffusion.importance_sampling:
+        diffusion.update_loss_history(t, losses["loss"])
+    decay = min(args.ema_rate, (1 + step) / (10 + step))  # EMA warm-up: short runs still get a useful EMA
+    with torch.no_grad():
+        for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
+            ema_param.lerp_(param, 1 - decay)
+    return loss, losses, grad_norm
 
 
 def main(argv=None):
@@ -285,29 +311,12 @@ def main(argv=None):
     stop_reason = "max_steps"
     try:
         while step < args.max_steps:
-            # -- one optimiser step -------------------------------------------------------------------------
             x0 = next(batches).to(device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
             if device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            t, weights = diffusion.sample_timesteps(x0.shape[0], device)
-            with util.autocast(device, amp_dtype):
-                losses = diffusion.training_losses(train_model, x0, t)
-            loss = (losses["loss"] * weights).mean()
-            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            if diffusion.importance_sampling:
-                diffusion.update_loss_history(t, losses["loss"])
-            decay = min(args.ema_rate, (1 + step) / (10 + step))  # EMA warm-up: short runs still get a useful EMA
-            with torch.no_grad():
-                for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
-                    ema_param.lerp_(param, 1 - decay)
+            loss, losses, grad_norm = training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step,
+                                                    args, amp_dtype)
+            lr = optimizer.param_groups[0]["lr"]
             step += 1
             progress.update()
             vb = losses["vb"].mean() if "vb" in losses else torch.zeros((), device=device)

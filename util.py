@@ -294,25 +294,38 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def native_bf16(device):
+    """Whether device computes bf16 in hardware: GPUs from Ampere (compute capability 8.0) on, CPUs with AVX-512
+    BF16 or AMX. Elsewhere bf16 is emulated: on an AVX2-only CPU about 20x slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def autocast_dtype(device, precision):
     """The dtype for torch.autocast, or None for plain fp32. precision is 'auto', 'fp32', 'bf16' or 'fp16'.
-    'auto' picks bf16 on GPUs that have it natively, fp16 on older GPUs (the caller then needs a GradScaler),
-    and fp32 on the CPU: CPU bf16 autocast is slower than fp32 on most CPUs."""
+    'auto' picks bf16 where the device has it natively (see native_bf16), else fp16 on a GPU (the caller then
+    needs a GradScaler), else fp32. Asking for bf16 where it is emulated prints a warning."""
     device = torch.device(device)
     if precision == "fp32":
         return None
     if precision == "bf16":
+        if not native_bf16(device):
+            print(f"warning: {device.type} here has no native bf16 (a CPU needs AVX-512 BF16 or AMX, a GPU compute "
+                  f"capability 8.0+), so bf16 is emulated and much slower than fp32 (about 20x on an AVX2 CPU); "
+                  f"use --precision fp32, or auto", file=sys.stderr)
         return torch.bfloat16
     if precision == "fp16":
         if device.type == "cpu":
             raise ValueError("precision 'fp16' is not supported on the CPU; use 'bf16' or 'fp32' there")
         return torch.float16
     if precision == "auto":
-        if device.type != "cuda":
-            return None
-        # bf16 runs natively from Ampere (compute capability 8.0) on; older GPUs emulate it slowly, so fp16 there
-        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
-        return torch.bfloat16 if native_bf16 else torch.float16
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else None
     raise ValueError(f"unknown precision {precision!r}; use 'auto', 'fp32', 'bf16' or 'fp16'")
 
 

@@ -239,11 +239,19 @@ def test_pick_device(monkeypatch):
     assert util.pick_device() == torch.device("cuda")
 
 
-def test_autocast_dtype():
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True),
+                                                      (False, True, True)])
+def test_autocast_dtype_on_the_cpu_is_bf16_only_where_it_is_native(monkeypatch, capsys, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     cpu = torch.device("cpu")
+    assert util.native_bf16(cpu) is native
     assert util.autocast_dtype(cpu, "fp32") is None
-    assert util.autocast_dtype(cpu, "auto") is None  # CPU bf16 autocast is usually slower than fp32
-    assert util.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert util.autocast_dtype(cpu, "auto") is (torch.bfloat16 if native else None)  # emulated bf16: 20x slower
+    assert capsys.readouterr().err == ""
+    assert util.autocast_dtype(cpu, "bf16") is torch.bfloat16  # asked for: given, with a warning where emulated
+    warning = capsys.readouterr().err
+    assert ("no native bf16" in warning and "--precision fp32" in warning) is not native
     with pytest.raises(ValueError, match="bf16"):
         util.autocast_dtype(cpu, "fp16")
     with pytest.raises(ValueError, match="unknown precision"):
