@@ -141,8 +141,8 @@ class GaussianDiffusion(nn.Module):
         T = self.num_timesteps
         if steps is None or steps == T:
             return torch.arange(T, device=self.betas.device), self.arrays()
-        if not 1 <= steps <= T:
-            raise ValueError(f"steps={steps} must be between 1 and num_timesteps={T}")
+        if not 2 <= steps <= T:  # one step would need the variance of a posterior that has no previous step
+            raise ValueError(f"steps={steps} must be between 2 and num_timesteps={T}")
         timesteps = torch.linspace(0, T - 1, steps, device=self.betas.device).round().long()  # 0 ... T-1
         # Keep abar at the chosen steps; beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}} makes a process with
         # exactly those marginals, so the same network (trained on all t) serves it.

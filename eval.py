@@ -208,8 +208,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     T = diffusion.num_timesteps
-    if args.steps is not None and not 1 <= args.steps <= T:
-        raise SystemExit(f"error: --steps {args.steps} must be between 1 and the T = {T} the model was trained with")
+    if args.steps is not None and not 2 <= args.steps <= T:
+        raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
     if args.num < 1 or args.batch_size < 1:
         raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
     if args.nll:  # a bad folder is found before minutes of sampling, not after

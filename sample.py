@@ -87,8 +87,8 @@ def main(argv=None):
         raise SystemExit(f"error: {error}") from None
     T = diffusion.num_timesteps
     steps = args.steps or T
-    if not 1 <= steps <= T:
-        raise SystemExit(f"error: --steps {args.steps} must be between 1 and the T = {T} the model was trained with")
+    if not 2 <= steps <= T:
+        raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
     if args.num < 1 or args.batch_size < 1:
         raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
     amp_dtype = util.autocast_dtype(device, args.precision)

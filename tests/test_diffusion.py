@@ -645,6 +645,11 @@ def test_respaced_timesteps():
     assert (gaps > 0).all() and set(gaps.tolist()) <= {20, 21}  # 999/49 = 20.4
     assert seen == ts
     assert set(outs[0].keys()) >= {"t", "x", "pred_x0"}
+    ts, _ = step_ts(d, model, (1, 1, 2, 2), steps=2)  # the fewest: x_T -> x_0 through one intermediate step
+    assert ts == [999, 0]
+    for steps in (0, 1, 1001):
+        with pytest.raises(ValueError, match="must be between 2 and num_timesteps=1000"):
+            d.schedule(steps)
 
 
 @pytest.mark.parametrize("ddim", [True, False])

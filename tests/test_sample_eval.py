@@ -236,5 +236,6 @@ def test_bad_nll_folders_are_refused_in_one_line(run_dir, tmp_path):
     os.remove(os.path.join(gaps, "2.png"))
     line = fails_with_one_line("eval.py", ckpt, "--nll", gaps)
     assert os.path.join(gaps, "2.png") in line and "renumber" in line
-    line = fails_with_one_line("sample.py", ckpt, "--steps", T + 1)
-    assert f"--steps {T + 1} must be between 1 and the T = {T}" in line
+    for steps in (1, T + 1):
+        line = fails_with_one_line("sample.py", ckpt, "--steps", steps)
+        assert f"--steps {steps} must be between 2 and the T = {T}" in line
