@@ -37,26 +37,16 @@ STEPS_ROWS = 8  # samples (rows) in steps.png
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
-    p.add_argument("checkpoint", help="OUT/ckpt.pt written by train.py; the model is rebuilt from the config inside")
+    util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --no_ema, --precision, --device
     p.add_argument("--out", default=None, help="folder for the results (default: eval/ beside the checkpoint)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps K for grid, process, pred_x0 and the gif; fewer than the T of training "
-                   "samples the respaced process (sec. 4) (default: T, all steps)")
-    p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral sampling")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
     p.add_argument("--seed", type=int, default=0, help="seeds the starting noise, every step's noise and --nll's")
     p.add_argument("--nll", default=None, metavar="DATA_DIR",
                    help="also measure the variational bound in bits/dim (all T terms and the prior) on the images "
-                   "1.png ... N.png of DATA_DIR, e.g. data/emoji_test: T network calls per image")
+                   "1.png ... N.png of DATA_DIR, e.g. data/emoji_test: T network calls per image, in fp32 whatever "
+                   "--precision says, as the small-t terms need it")
     p.add_argument("--num", type=int, default=256,
                    help="--nll: how many of DATA_DIR's images, from 1.png on (all of them if fewer)")
     p.add_argument("--batch_size", type=int, default=64, help="--nll: images per network call")
-    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast for the pictures: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs "
-                   "with AVX-512 BF16 or AMX), fp16 on older GPUs, else fp32. --nll always runs in fp32: the small-t "
-                   "terms need the precision")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
 
@@ -202,14 +192,7 @@ def plot_nll(vb_means, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = util.pick_device(args.device)
-    try:
-        model, diffusion, config, step = util.load_model(args.checkpoint, device, use_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    T = diffusion.num_timesteps
-    if args.steps is not None and not 2 <= args.steps <= T:
-        raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
+    model, diffusion, config, step, device, amp_dtype = util.load_for_sampling(args)
     if args.num < 1 or args.batch_size < 1:
         raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
     if args.nll:  # a bad folder is found before minutes of sampling, not after
@@ -217,7 +200,6 @@ def main(argv=None):
             dataset = util.NumberedImages(args.nll, config["image_size"])
         except FileNotFoundError as error:
             raise SystemExit(f"error: --nll: {error}") from None
-    amp_dtype = util.autocast_dtype(device, args.precision)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     os.makedirs(out, exist_ok=True)
     print(f"{args.checkpoint}: step {step}, {'EMA' if not args.no_ema else 'raw'} weights, {device}, "

@@ -27,24 +27,14 @@ import util
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
-    p.add_argument("checkpoint", help="OUT/ckpt.pt written by train.py; the model is rebuilt from the config inside")
+    util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --no_ema, --precision, --device
     p.add_argument("--num", type=int, default=64, help="how many images (FID: 50000)")
     p.add_argument("--out", default=None, help="folder for 1.png ... N.png (default: generated/ beside the checkpoint)")
     p.add_argument("--batch_size", type=int, default=64,
                    help="images per batch: as large as memory allows; changing it changes the images")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps K; fewer than the T of training samples the respaced process (sec. 4) "
-                   "(default: T, all steps)")
-    p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral sampling")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
     p.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images")
     p.add_argument("--npz", default=None, metavar="FILE",
                    help="also write all N images as one uint8 array (N, H, W, 3) to FILE, under the key arr_0")
-    p.add_argument("--no_ema", action="store_true", help="sample from the raw weights instead of the EMA weights")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs with AVX-512 "
-                   "BF16 or AMX), fp16 on older GPUs, else fp32")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
 
@@ -80,18 +70,10 @@ def check_output_folder(out, settings):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = util.pick_device(args.device)
-    try:
-        model, diffusion, config, step = util.load_model(args.checkpoint, device, use_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    T = diffusion.num_timesteps
-    steps = args.steps or T
-    if not 2 <= steps <= T:
-        raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
+    model, diffusion, config, step, device, amp_dtype = util.load_for_sampling(args)
+    steps = args.steps or diffusion.num_timesteps
     if args.num < 1 or args.batch_size < 1:
         raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
-    amp_dtype = util.autocast_dtype(device, args.precision)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "generated")
     settings = dict(checkpoint=os.path.abspath(args.checkpoint), checkpoint_step=step, ema=not args.no_ema,
                     steps=steps, ddim=args.ddim, eta=args.eta, seed=args.seed, batch_size=args.batch_size,

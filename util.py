@@ -274,6 +274,35 @@ def load_model(path, device="cpu", use_ema=True):
     return model, diffusion.to(device), config, checkpoint["step"]
 
 
+def add_sampling_flags(p):
+    """The flags of sample.py and eval.py that pick the checkpoint's weights, the sampler and the hardware."""
+    p.add_argument("checkpoint", help="OUT/ckpt.pt written by train.py; the model is rebuilt from the config inside")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps K; fewer than the T of training samples the respaced process (sec. 4), "
+                   "which with learned variances keeps most of the quality at 50-100 steps (default: T, all steps)")
+    p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral sampling")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
+    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs with AVX-512 "
+                   "BF16 or AMX), fp16 on older GPUs, else fp32")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+
+
+def load_for_sampling(args):
+    """What the flags of add_sampling_flags ask for: (model, diffusion, config, step, device, autocast dtype).
+    A bad checkpoint or --steps exits with one line that says what to do."""
+    device = pick_device(args.device)
+    try:
+        model, diffusion, config, step = load_model(args.checkpoint, device, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    T = diffusion.num_timesteps
+    if args.steps is not None and not 2 <= args.steps <= T:
+        raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
+    return model, diffusion, config, step, device, autocast_dtype(device, args.precision)
+
+
 # -----------------------------------------------------------------------------
 # devices, precision, seeds
 
