@@ -1,67 +1,312 @@
 """
-Benchmarks, not tests: pytest does not collect this file. Run one section by name, e.g.
+Benchmarks, not tests: pytest collects only test_*.py. One table of what this machine does with each model:
 
-    python tests/bench.py unet
+    python tests/bench.py                                          # demo and small32 on this device
+    python tests/bench.py --device cuda --config anime64 --compile --json bench.json
+    python tests/bench.py --estimate_gpu_memory                    # train.sh's GPU memory, estimated on the CPU
 
-Each section is a function bench_NAME below; they print numbers rather than assert them.
+For each configuration, and each precision the device runs natively (fp32 always, TF32 on CUDA; bf16 on CPUs
+with AVX-512 BF16 or AMX and on GPUs from Ampere on; fp16 with a gradient scaler on CUDA), eager and, with
+--compile, torch.compiled:
+    train img/s   forward + backward + AdamW + EMA: train.training_step, exactly the step train.py runs
+    MFU           model FLOP utilisation: FLOPs per image (FlopCounterMode) x img/s / the matmul peak of the
+                  device at that precision, measured in the same run
+    peak GiB      CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory (VmHWM, reset
+                  before each row)
+    sample img/s  one denoising step of the model in eval mode, at a batch of 16 (a grid)
+    grid 50/1000  wall seconds for a grid of 16 with 50 and with 1000 steps; "~" marks 1000-step times worked
+                  out from the 50-step one (20x) where running them would take over a minute
+Every figure is the median of --repeats timings after a warm-up; CUDA timings synchronize before reading the
+clock.
 """
+import argparse
+import copy
+import json
 import os
+import platform
+import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+import util
+
+# The model flags of each configuration; the rest are train.py's defaults.
+CONFIGS = {
+    "demo": [],  # train.py's defaults: the CPU demo
+    "small32": ["--base_channels", "64", "--channel_mult", "1,2,2,2", "--num_res_blocks", "2",
+                "--attention_resolutions", "16,8"],  # Improved DDPM's CIFAR-10 layout at a CPU-sized width
+    "anime64": ["--image_size", "64", "--base_channels", "128", "--channel_mult", "1,2,3,4", "--num_res_blocks", "2",
+                "--attention_resolutions", "16,8", "--batch_size", "64", "--lr", "1e-4"],  # train.sh's model
+}
+GRID = 16  # images in a sample grid, as eval.py draws them
 
 
-def bench_unet(batch_size=16, steps=5):
-    from unet import UNet
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    p.add_argument("--config", default=None,
+                   help=f"comma-separated, from {', '.join(CONFIGS)} (default: all on CUDA, demo,small32 on the CPU)")
+    p.add_argument("--batch_size", type=int, default=None, help="training batch (default: each config's own)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (minutes to compile)")
+    p.add_argument("--repeats", type=int, default=5, help="timings per figure; the median is reported")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the table and the machine to FILE")
+    p.add_argument("--estimate_gpu_memory", action="store_true",
+                   help="only estimate train.sh's GPU memory from the tensors saved for backward, on the CPU")
+    return p.parse_args()
 
-    n_params = lambda model: sum(p.numel() for p in model.parameters())
-    print(f"UNet() (64x64, base 128, mult 1,2,3,4): {n_params(UNet()):,} parameters")
-    # the 32x32 (CIFAR-10) config of Improved DDPM, at a width that trains on a CPU
-    model = UNet(image_size=32, base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(16, 8))
-    print(f"UNet 32x32 (base 64, mult 1,2,2,2): {n_params(model):,} parameters")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, t = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 1000, (batch_size,))
-    target = torch.randn(batch_size, 6, 32, 32)
+# ----------------------------------------------------------------------------------------------------------
+# Measuring
 
-    def train_step():
-        loss = (model(x, t) - target).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
-    for _ in range(2):  # warm-up: allocator, thread pool
-        train_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step()
-    seconds = time.perf_counter() - start
-    print(f"train step (fwd + bwd + AdamW), batch {batch_size}, 32x32, {torch.get_num_threads()} threads: "
-          f"{batch_size * steps / seconds:.1f} images/s")
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    # torch.compile must take the whole forward as one graph; on 2 CPU cores a cold compile takes ~2 minutes
-    model.eval()
-    with torch.no_grad():
-        eager = model(x, t)
+
+def median_seconds(fn, device, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
-        compiled = torch.compile(model, fullgraph=True)(x, t)
-        print(f"torch.compile(fullgraph=True) forward: compiled in {time.perf_counter() - start:.0f} s, max |compiled"
-              f" - eager| = {(compiled - eager).abs().max():.2e} (eager max |out| {eager.abs().max():.2f})")
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def bench_memory(batch_size=2):
-    """GPU memory to train train.sh's 64x64 config (AdamW, EMA, bf16 autocast), estimated on the CPU."""
-    from diffusion import GaussianDiffusion
-    from unet import UNet
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
 
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kib / 2 ** 20
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def matmul_peak(device, dtype, repeats):
+    """FLOP/s of a large square matmul: the most this device does at this precision, as a denominator for MFU."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    calls = 20 if device.type == "cuda" else 4
+    best = min(median_seconds(lambda: [a @ b for _ in range(calls)], device, 1) for _ in range(2 * repeats))
+    return 2 * n ** 3 * calls / best  # the best of the timings: a peak, not a typical figure
+
+
+def precisions(device):
+    """(name, autocast dtype) of each precision the device runs natively."""
+    found = [("fp32", None)]
+    if util.native_bf16(device):
+        found.append(("bf16", torch.bfloat16))
+    if device.type == "cuda":
+        found.append(("fp16", torch.float16))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One configuration
+
+
+def build(config_name, batch_size, device):
+    """The model, EMA, process, optimiser and args of train.py for one configuration."""
+    flags = CONFIGS[config_name] + (["--batch_size", str(batch_size)] if batch_size else [])
+    args = train.parse_args(flags)
     torch.manual_seed(0)
-    model = UNet(image_size=64, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                 attention_resolutions=(16, 8), num_heads=4, dropout=0.1, learn_sigma=True)  # train mode: dropout on
-    diffusion = GaussianDiffusion(1000, "cosine", learn_sigma=True, loss_type="hybrid")
+    model, diffusion = util.build_model_and_diffusion(vars(args))
+    model.to(device)
+    diffusion.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return args, model, ema, diffusion, optimizer
+
+
+def bench_training(config_name, args, model, ema, diffusion, optimizer, device, precision, amp_dtype, compiled,
+                   repeats, peaks):
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    if device.type == "cuda":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    train_model = model
+    compile_seconds = None
+    if compiled:
+        train_model = torch.compile(model)
+        start = time.perf_counter()
+        train.training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, 1000, args, amp_dtype)
+        synchronize(device)
+        compile_seconds = time.perf_counter() - start
+
+    def step():
+        train.training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, 1000, args, amp_dtype)
+
+    reset_peak_memory(device)
+    seconds = median_seconds(step, device, repeats)
+    memory = peak_memory_gib(device)
+    with FlopCounterMode(display=False) as counter:  # counts matmuls, convs and attention, forward and backward
+        train.training_step(model, model, ema, diffusion, optimizer, scaler, x0, 1000, args, amp_dtype)
+    flops_per_image = counter.get_total_flops() / args.batch_size
+    images_per_s = args.batch_size / seconds
+    return dict(config=config_name, precision=precision, mode="compiled" if compiled else "eager",
+                batch=args.batch_size, train_img_s=images_per_s, gflop_per_img=flops_per_image / 1e9,
+                mfu=flops_per_image * images_per_s / peaks[precision], peak_gib=memory,
+                compile_s=compile_seconds)
+
+
+def bench_sampling(args, ema, diffusion, device, amp_dtype, repeats):
+    noise = torch.randn(GRID, 3, args.image_size, args.image_size, device=device)
+
+    def grid(steps):
+        with util.autocast(device, amp_dtype):
+            diffusion.sample(ema, noise.shape, steps=steps, noise=noise)
+
+    def one_step():  # what every sampling step does: the network, then the mean and variance of p(x_{t-1} | x_t)
+        with torch.no_grad(), util.autocast(device, amp_dtype):
+            diffusion.p_mean_variance(ema, noise, torch.full((GRID,), 500, device=device))
+
+    step_seconds = median_seconds(one_step, device, repeats)
+    grid50 = median_seconds(lambda: grid(50), device, max(1, repeats // 2), warmup=0)
+    T = diffusion.num_timesteps
+    if grid50 * T / 50 <= 60:
+        grid_T, derived = median_seconds(lambda: grid(T), device, 1, warmup=0), ""
+    else:
+        grid_T, derived = grid50 * T / 50, "~"
+    return dict(sample_img_s=GRID / step_seconds, grid50_s=grid50, grid1000_s=grid_T, grid1000_derived=derived)
+
+
+def bench_loader(repeats):
+    """Images/s the anime64 recipe's loader delivers from 64x64 PNGs on this CPU: a bound on GPU training speed."""
+    import numpy as np
+    from PIL import Image
+    args = train.parse_args(CONFIGS["anime64"])
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(0)
+        for n in range(1, 513):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(os.path.join(folder, f"{n}.png"))
+        dataset = util.NumberedImages(folder, 64)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
+                                             sampler=train.ShuffleForever(len(dataset), 0),
+                                             num_workers=args.num_workers, drop_last=True)
+        seconds = seconds_per_4_batches(loader, repeats)  # its workers stop before their folder goes
+    return 4 * args.batch_size / seconds, args.num_workers
+
+
+def seconds_per_4_batches(loader, repeats):
+    batches = iter(loader)
+    return median_seconds(lambda: [next(batches) for _ in range(4)], torch.device("cpu"), repeats)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def machine(device):
+    info = dict(torch=torch.__version__, threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+                python=platform.python_version())
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+            info["device"] = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                                  if line.startswith("model name"))
+            flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+            info["cpu_flags"] = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+        except (OSError, StopIteration):
+            info["device"] = platform.processor() or "cpu"
+        info["cores"] = os.cpu_count()
+    return info
+
+
+def print_table(rows):
+    columns = [("config", "{}"), ("precision", "{}"), ("mode", "{}"), ("batch", "{}"), ("train_img_s", "{:.1f}"),
+               ("gflop_per_img", "{:.2f}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.2f}"), ("compile_s", "{:.0f}"),
+               ("sample_img_s", "{:.1f}"), ("grid50_s", "{:.1f}"), ("grid1000_s", "{:.0f}")]
+    cells = [[name for name, _ in columns]]
+    for row in rows:
+        line = []
+        for name, fmt in columns:
+            value = row.get(name)
+            text = "" if value is None else fmt.format(value)
+            if name == "grid1000_s" and value is not None:
+                text = row["grid1000_derived"] + text
+            line.append(text)
+        cells.append(line)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(text.rjust(width) for text, width in zip(line, widths)))
+
+
+def main():
+    args = parse_args()
+    if args.estimate_gpu_memory:
+        return estimate_gpu_memory()
+    device = util.pick_device(args.device)
+    if device.type == "cuda":  # as train.py runs: TF32 matmuls and convs, cuDNN's autotuner
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    names = args.config.split(",") if args.config else (list(CONFIGS) if device.type == "cuda" else ["demo", "small32"])
+    info = machine(device)
+    print(f"{info['device']}, {info.get('cores', '')} cores {' '.join(info.get('cpu_flags', []))}, "
+          f"torch {info['torch']}, {info['threads']} threads, {info['date']}")
+    peaks = {name: matmul_peak(device, dtype or torch.float32, args.repeats) for name, dtype in precisions(device)}
+    print("matmul peak: " + ", ".join(f"{name} {flops / 1e9:.0f} GFLOP/s" for name, flops in peaks.items()))
+    rows = []
+    for name in names:
+        built = build(name, args.batch_size, device)
+        config_args, model, ema, diffusion, _ = built
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name}: {params / 1e6:.2f}M parameters, {config_args.image_size}x{config_args.image_size}, "
+              f"batch {config_args.batch_size}", file=sys.stderr)
+        for precision, amp_dtype in precisions(device):
+            for compiled in ([False, True] if args.compile else [False]):
+                row = bench_training(name, *built, device, precision, amp_dtype, compiled, args.repeats, peaks)
+                if not compiled:
+                    row.update(bench_sampling(config_args, ema, diffusion, device, amp_dtype, args.repeats))
+                row["params_m"] = params / 1e6
+                rows.append(row)
+                print(f"  {precision} {row['mode']}: {row['train_img_s']:.1f} img/s", file=sys.stderr)
+    print_table(rows)
+    loader_img_s, workers = bench_loader(args.repeats)
+    print(f"data loader, anime64 recipe (64x64 PNGs, {workers} workers): {loader_img_s:.0f} img/s on this CPU")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=info, matmul_peak_flops=peaks, rows=rows, loader_img_s=loader_img_s), f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU memory of train.sh's recipe, estimated on the CPU (until a GPU measures it)
+
+
+def estimate_gpu_memory(batch_size=2):
+    """GPU memory to train train.sh's 64x64 config (AdamW, EMA, bf16 autocast), estimated on the CPU."""
+    args = train.parse_args(CONFIGS["anime64"])
+    torch.manual_seed(0)
+    model, diffusion = util.build_model_and_diffusion(vars(args))  # train mode: dropout on
     n_params = sum(p.numel() for p in model.parameters())
     # fp32 params + grads + AdamW exp_avg and exp_avg_sq + the EMA copy. zero_grad(set_to_none=True) frees the grads,
     # which only come back as backward frees activations: counting all of them at the peak errs on the safe side.
@@ -118,5 +363,4 @@ def bench_memory(batch_size=2):
 
 
 if __name__ == "__main__":
-    for name in sys.argv[1:]:
-        globals()[f"bench_{name}"]()
+    main()
