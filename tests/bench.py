@@ -141,7 +141,7 @@ def build(config_name, batch_size, device):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = train.build_optimizer(model, args)
     return args, model, ema, diffusion, optimizer
 
 
