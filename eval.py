@@ -38,7 +38,7 @@ STEPS_ROWS = 8  # samples (rows) in steps.png
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
     util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --no_ema, --precision, --device
-    p.add_argument("--out", default=None, help="folder for the results (default: eval/ beside the checkpoint)")
+    p.add_argument("--out", default=None, help="folder for the results (None: eval/ beside the checkpoint)")
     p.add_argument("--seed", type=int, default=0, help="seeds the starting noise, every step's noise and --nll's")
     p.add_argument("--nll", default=None, metavar="DATA_DIR",
                    help="also measure the variational bound in bits/dim (all T terms and the prior) on the images "

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
     util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --no_ema, --precision, --device
     p.add_argument("--num", type=int, default=64, help="how many images (FID: 50000)")
-    p.add_argument("--out", default=None, help="folder for 1.png ... N.png (default: generated/ beside the checkpoint)")
+    p.add_argument("--out", default=None, help="folder for 1.png ... N.png (None: generated/ beside the checkpoint)")
     p.add_argument("--batch_size", type=int, default=64,
                    help="images per batch: as large as memory allows; changing it changes the images")
     p.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images")

@@ -278,8 +278,8 @@ def add_sampling_flags(p):
     """The flags of sample.py and eval.py that pick the checkpoint's weights, the sampler and the hardware."""
     p.add_argument("checkpoint", help="OUT/ckpt.pt written by train.py; the model is rebuilt from the config inside")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps K; fewer than the T of training samples the respaced process (sec. 4), "
-                   "which with learned variances keeps most of the quality at 50-100 steps (default: T, all steps)")
+                   help="sampling steps K (None: all T steps of training). With fewer, a respaced process is "
+                   "sampled (sec. 4); with learned variances it keeps most of the quality at 50-100 steps")
     p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral sampling")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
