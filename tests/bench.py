@@ -52,8 +52,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--config", default=None,
-                   help=f"comma-separated, from {', '.join(CONFIGS)} (default: all on CUDA, demo,small32 on the CPU)")
-    p.add_argument("--batch_size", type=int, default=None, help="training batch (default: each config's own)")
+                   help=f"comma-separated, from {', '.join(CONFIGS)} (None: all on CUDA, demo,small32 on the CPU)")
+    p.add_argument("--batch_size", type=int, default=None, help="training batch (None: each config's own)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (minutes to compile)")
     p.add_argument("--repeats", type=int, default=5, help="timings per figure; the median is reported")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table and the machine to FILE")
