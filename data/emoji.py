@@ -1,6 +1,7 @@
 """
 Builds the bundled demo data: the face emoji of Noto Color Emoji, rendered to data/emoji/1.png ... N.png (32x32,
-on white) with a random 5% held out in data/emoji_test/. The bundled folders were made with the defaults:
+on white) with a random 5% held out in data/emoji_test/, and in each folder a labels.txt whose line n is the
+class of n.png (smiley, person or animal). The bundled folders were made with the defaults:
 
     apt-get install fonts-noto-color-emoji
     python data/emoji.py                      # rewrites data/emoji and data/emoji_test
@@ -75,8 +76,10 @@ def with_skin_tone(seq, tone):
     return (seq[0], tone) + rest
 
 
-def emoji_sequences():
-    """Every candidate emoji as a tuple of code points, sorted, so the dataset's order never changes."""
+def emoji_groups():
+    """The candidate emoji by class, each a list of tuples of code points. The classes are the labels of
+    labels.txt: smiley (Unicode's Smileys & Emotion faces, cat and monkey faces included), person (heads from
+    People & Body, in every skin tone) and animal (animal faces)."""
     people = [(p,) for p in PERSONS] + [(p, ZWJ, hair) for p in (0x1F9D1, 0x1F468, 0x1F469) for hair in HAIRSTYLES]
     for role in ROLES:
         role = role if isinstance(role, tuple) else (role,)
@@ -84,7 +87,12 @@ def emoji_sequences():
     people += PEOPLE_SEQUENCES
     toned = [with_skin_tone(seq, tone) for seq in people for tone in SKIN_TONES]
     smileys = [(cp,) for lo, hi in SMILEY_RANGES for cp in range(lo, hi + 1)] + SMILEY_SEQUENCES
-    return sorted(set(smileys + people + toned + ANIMAL_SEQUENCES))
+    return {"smiley": smileys, "person": people + toned, "animal": ANIMAL_SEQUENCES}
+
+
+def emoji_sequences():
+    """Every candidate emoji as a tuple of code points, sorted, so the dataset's order never changes."""
+    return sorted({seq for group in emoji_groups().values() for seq in group})
 
 
 def render_emoji(font, text, size):
@@ -111,22 +119,27 @@ def emoji(font_path, out, size, test_fraction, seed):
     # 109 px is the one size this bitmap font has; raqm joins a person + skin tone into one glyph
     font = ImageFont.truetype(font_path, 109, layout_engine=ImageFont.Layout.RAQM)
     one_emoji_width = font.getlength(chr(0x1F600))
-    images = []
+    class_of = {seq: name for name, group in emoji_groups().items() for seq in group}
+    images = []  # (image, class)
     for seq in tqdm(emoji_sequences(), desc="emoji", unit="img"):
         text = "".join(chr(cp) for cp in seq)
         if font.getlength(text) != one_emoji_width:  # the font has no single glyph for it and draws its parts
             continue
         img = render_emoji(font, text, size)
         if img is not None:
-            images.append(img)
+            images.append((img, class_of[seq]))
     test = set(random.Random(seed).sample(range(len(images)), round(test_fraction * len(images))))
-    train_images = [img for i, img in enumerate(images) if i not in test]
-    test_images = [img for i, img in enumerate(images) if i in test]
+    train_images = [image for i, image in enumerate(images) if i not in test]
+    test_images = [image for i, image in enumerate(images) if i in test]
     for folder, selected in [(out, train_images), (f"{out}_test", test_images)]:
         util.clear_output_folder(folder, overwrite=True)  # regenerating replaces the previous emoji set
-        for n, img in enumerate(selected, start=1):
+        for n, (img, _) in enumerate(selected, start=1):
             img.save(Path(folder) / f"{n}.png")
-        print(f"wrote {len(selected)} emoji ({size}x{size} RGB) to {folder}")
+        with open(Path(folder) / "labels.txt", "w") as f:  # line n: the class of n.png
+            f.write("".join(f"{name}\n" for _, name in selected))
+        counts = {name: sum(name == label for _, label in selected) for name in sorted(class_of.values())}
+        print(f"wrote {len(selected)} emoji ({size}x{size} RGB) and labels.txt to {folder}: "
+              + ", ".join(f"{count} {name}" for name, count in counts.items()))
 
 
 if __name__ == "__main__":

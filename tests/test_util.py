@@ -279,6 +279,11 @@ def test_bundled_emoji_are_contiguous_32px_rgb_with_a_5_percent_test_split():
             img = Image.open(ROOT / "data" / folder / f"{n}.png")
             assert img.mode == "RGB" and img.size == (32, 32), f"data/{folder}/{n}.png"
             assert img.getpixel((0, 0)) == WHITE or img.getpixel((31, 31)) == WHITE  # on white, padded square
+        labels = (ROOT / "data" / folder / "labels.txt").read_text().splitlines()  # line n: the class of n.png
+        assert len(labels) == len(numbers) and set(labels) == {"smiley", "person", "animal"}
+    labels = (ROOT / "data/emoji/labels.txt").read_text().splitlines()
+    # 1-3.png: skull and crossbones, frowning face, smiling face; 4.png: Santa; 10.png: koala (looked at)
+    assert labels[:4] == ["smiley", "smiley", "smiley", "person"] and labels[9] == "animal"
 
 
 def test_skin_tone_goes_after_the_base_and_replaces_vs16():
@@ -288,6 +293,9 @@ def test_skin_tone_goes_after_the_base_and_replaces_vs16():
     assert e.with_skin_tone((0x1F476,), 0x1F3FF) == (0x1F476, 0x1F3FF)
     sequences = e.emoji_sequences()
     assert sequences == sorted(set(sequences))  # sorted, no duplicates: a stable numbering
+    groups = e.emoji_groups()
+    assert sum(len(set(group)) for group in groups.values()) == len(sequences)  # every emoji in exactly one class
+    assert (0x1F600,) in groups["smiley"] and (0x1F436,) in groups["animal"] and (0x1F476, 0x1F3FF) in groups["person"]
 
 
 @pytest.mark.skipif(not os.path.exists(NOTO), reason="needs fonts-noto-color-emoji")
@@ -299,3 +307,4 @@ def test_regenerating_the_emoji_gives_the_bundled_images(tmp_path):
         for n in bundled:
             new = Image.open(tmp_path / folder / f"{n}.png").tobytes()
             assert new == Image.open(ROOT / "data" / folder / f"{n}.png").tobytes(), f"data/{folder}/{n}.png"
+        assert (tmp_path / folder / "labels.txt").read_text() == (ROOT / "data" / folder / "labels.txt").read_text()
