@@ -140,38 +140,44 @@ class NumberedImages(torch.utils.data.Dataset):
 
 
 def clear_output_folder(out, overwrite):
-    """Make out an empty place for 1.png ... N.png; old numbered PNGs would mix two datasets."""
+    """Make out an empty place for 1.png ... N.png (and labels.txt); old ones would mix two datasets."""
     old = numbered_pngs(out)
     if old and not overwrite:
         raise SystemExit(
             f"error: {out} already holds {len(old)} numbered PNGs (1.png, 2.png, ...) from an earlier run; "
             f"writing there would mix two datasets. Pass --overwrite to delete them first, or pick another --out."
         )
-    for p in old:
+    for p in old + [p for p in [Path(out) / "labels.txt"] if p.exists()]:
         p.unlink()
     Path(out).mkdir(parents=True, exist_ok=True)
 
 
-def prepare(srcs, out, size, min_size, overwrite=False):
-    """Merge folders of images into out/1.png ... N.png: RGB, centre-cropped square, size x size. Returns N."""
+def prepare(srcs, out, size, min_size, overwrite=False, labels=False):
+    """Merge folders of images into out/1.png ... N.png: RGB, centre-cropped square, size x size. Returns N.
+    labels: each image's class is the first-level sub-folder of its SRC (SRC/red_hair/x.png -> red_hair), written
+    to out/labels.txt, line n the class of n.png."""
     for src in srcs:
         if not Path(src).is_dir():
             raise SystemExit(f"error: {src} is not a folder; pass folders of images as SRC")
         if Path(src).resolve() == Path(out).resolve():
             raise SystemExit(f"error: --out {out} is also a SRC; write the prepared images to a new folder")
-    clear_output_folder(out, overwrite)
-    files, ignored = [], 0
+    files, ignored = [], 0  # (path, its first-level sub-folder: the class with --labels)
     for src in srcs:  # SRC folders in the order given, each one's files (sub-folders included) sorted
         for p in sorted(Path(src).rglob("*")):
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(p)
+                parts = p.relative_to(src).parts  # (CLASS, ..., file name) for an image in a sub-folder
+                if labels and len(parts) == 1:
+                    raise SystemExit(f"error: {p} is not in a sub-folder of {src}: with --labels the sub-folder an "
+                                     f"image is in names its class; move it into one (e.g. {src}/CLASS/)")
+                files.append((p, parts[0]))
             elif p.is_file():
                 ignored += 1
+    clear_output_folder(out, overwrite)
     if ignored:
         print(f"ignored {ignored} files whose names do not end in {' '.join(sorted(IMAGE_EXTENSIONS))}")
 
-    written, skipped = 0, 0
-    for p in tqdm(files, desc="prepare", unit="img"):
+    written, skipped, written_classes = 0, 0, []
+    for p, name in tqdm(files, desc="prepare", unit="img"):
         try:
             with Image.open(p) as img:
                 img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
@@ -186,7 +192,13 @@ def prepare(srcs, out, size, min_size, overwrite=False):
             continue
         written += 1
         center_crop_resize(to_rgb(img), size).save(Path(out) / f"{written}.png")
+        written_classes.append(name)
     print(f"wrote {written} images ({size}x{size} RGB) to {out}; skipped {skipped}")
+    if labels:
+        with open(Path(out) / "labels.txt", "w") as f:
+            f.write("".join(f"{name}\n" for name in written_classes))
+        counts = {name: written_classes.count(name) for name in sorted(set(written_classes))}
+        print(f"wrote labels.txt, {len(counts)} classes: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     return written
 
 
@@ -380,6 +392,9 @@ if __name__ == "__main__":
                    help="skip images whose short side is below this many pixels; raise it to keep blurry "
                    "upscaled images out (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="delete numbered PNGs already in --out first")
+    p.add_argument("--labels", action="store_true",
+                   help="also write OUT/labels.txt, line n the class of n.png: the first-level sub-folder of SRC "
+                   "the image came from (SRC/red_hair/x.png -> red_hair)")
 
     args = parser.parse_args()
-    prepare(args.src, args.out, args.size, args.min_size, args.overwrite)
+    prepare(args.src, args.out, args.size, args.min_size, args.overwrite, args.labels)

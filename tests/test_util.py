@@ -102,6 +102,32 @@ def test_prepare_refuses_to_mix_datasets_unless_overwrite(tmp_path):
     assert numbers_of(out) == [1, 2, 3, 4, 5]  # no stale 6.png ... 9.png left behind
 
 
+def test_prepare_labels_name_each_image_by_its_first_level_sub_folder(tmp_path):
+    src = tmp_path / "src"
+    for path, colour, side in [("red_hair/a.png", RED, 40), ("red_hair/b.png", RED, 40),
+                               ("blue_hair/c.png", (0, 0, 255), 40), ("blue_hair/deeper/d.png", (0, 0, 200), 40),
+                               ("blue_hair/tiny.png", (0, 0, 255), 8)]:  # tiny: skipped, so no label either
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (side, side), colour).save(src / path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "util.py"), "prepare", str(src), "--out", str(out), "--size", "16",
+           "--min_size", "32", "--labels"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # sorted: blue_hair/c, blue_hair/deeper/d, (blue_hair/tiny skipped), red_hair/a, red_hair/b
+    assert (out / "labels.txt").read_text() == "blue_hair\nblue_hair\nred_hair\nred_hair\n"
+    assert [Image.open(out / f"{n}.png").getpixel((8, 8)) for n in (1, 2, 3, 4)] == [
+        (0, 0, 255), (0, 0, 200), RED, RED]
+    assert "2 classes: blue_hair 2, red_hair 2" in result.stdout
+
+    (src / "loose.png").write_bytes((src / "red_hair" / "a.png").read_bytes())  # in no sub-folder: no class
+    with pytest.raises(SystemExit, match=r"loose\.png is not in a sub-folder of .*src"):
+        util.prepare([src], out, size=16, min_size=32, overwrite=True, labels=True)
+    assert numbers_of(out) == [1, 2, 3, 4] and (out / "labels.txt").exists()  # refused before touching out
+    util.prepare([src], out, size=16, min_size=32, overwrite=True)  # unlabelled now: no stale labels.txt
+    assert numbers_of(out) == [1, 2, 3, 4, 5] and not (out / "labels.txt").exists()
+
+
 # --------------------------------------------------------------------------- to_rgb, center_crop_resize
 
 
