@@ -337,6 +337,25 @@ class GaussianDiffusion(nn.Module):
         return dict(total_bpd=vb.sum(dim=1) + prior_bpd, prior_bpd=prior_bpd, vb=vb, mse=mse)
 
 
+def classifier_free_guidance(model, guidance, null_label):
+    """A model whose eps is guided toward the class y (Ho & Salimans 2022, eq. 6):
+    eps = (1 + w) eps(x_t, y) - w eps(x_t, no class), with both evaluated in one batch of 2B. The learned
+    variance channels are the conditional model's, unguided: guidance moves the mean, and the conditional v still
+    says how uncertain the step is (a choice; the guidance paper fixes the variances). guidance = 0 returns model
+    itself, so that it is plain conditional sampling exactly."""
+    if guidance == 0:
+        return model
+
+    def guided(x_t, t, y):
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_label)]))
+        conditional, unconditional = both.chunk(2)  # (B, 2C, H, W) each
+        C = x_t.shape[1]
+        eps = (1 + guidance) * conditional[:, :C] - guidance * unconditional[:, :C]
+        return torch.cat([eps, conditional[:, C:]], dim=1)
+
+    return guided
+
+
 def all_gather_cat(x):
     """Concatenate a tensor of the same shape from every rank, in rank order (identical on every rank)."""
     gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]

@@ -12,6 +12,8 @@ Everything goes into --out (default: eval/ beside the checkpoint):
     denoise.gif       the grid forming, step by step
     steps.png         the same starting noise sampled with K = 10, 25, 50, 100 and all T steps, a column per K:
                       learned variances keep most of the quality at few steps (sec. 4)
+    guidance.png      class-conditional models: a row per class, the same noise at guidance w = 0, 1, 3, 5
+                      (100 steps, or --steps); their grid has a row per class
     nll.csv, nll.png  with --nll: each term L_t of the variational bound, in bits/dim, against t
 
 The model, the process and the EMA weights come from the checkpoint: no other flag is needed. The same --seed
@@ -27,17 +29,20 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import util
+from diffusion import classifier_free_guidance
 
 GRID_SIZE = 16  # samples in grid.png, 4 x 4
 STRIP_FRAMES = 20  # frames in each process/ and pred_x0/ strip
 GIF_FRAMES = 50  # frames of denoise.gif
 STEPS_COMPARED = (10, 25, 50, 100)  # steps.png's columns, then T
 STEPS_ROWS = 8  # samples (rows) in steps.png
+GUIDANCE_WEIGHTS = (0, 1, 3, 5)  # guidance.png's columns (class-conditional models)
+GUIDANCE_STEPS = 100  # guidance.png's sampling steps, unless --steps says otherwise
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
-    util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --no_ema, --precision, --device
+    util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --guidance, --no_ema, --precision, --device
     p.add_argument("--out", default=None, help="folder for the results (None: eval/ beside the checkpoint)")
     p.add_argument("--seed", type=int, default=0, help="seeds the starting noise, every step's noise and --nll's")
     p.add_argument("--nll", default=None, metavar="DATA_DIR",
@@ -60,14 +65,17 @@ def evenly_spaced(num_steps, count):
     return sorted({round(i * (num_steps - 1) / max(count - 1, 1)) for i in range(count)})
 
 
-def sample_keeping(diffusion, model, noise, steps, args, keep=()):
+def sample_keeping(diffusion, model, noise, steps, args, keep=(), y=None):
     """Sample from x_T = noise with `steps` steps. Returns the final x_0 (B, C, H, W) and, for every step index
     in keep (0 = the first step, from x_T), that step's x_{t-1} and x^_0 on the CPU. The steps' noise comes from
-    a generator seeded by --seed, so different step counts start from the same x_T and the same seed."""
+    a generator seeded by --seed, so different step counts start from the same x_T and the same seed. y: the
+    classes (B,) of a class-conditional model."""
     generator = torch.Generator(noise.device).manual_seed(args.seed + 1)
     kept = {}
+    model_kwargs = None if y is None else {"y": y}
     for i, out in enumerate(diffusion.sample_progressive(model, noise.shape, steps, args.ddim, args.eta, noise=noise,
-                                                         progress=True, generator=generator)):
+                                                         model_kwargs=model_kwargs, progress=True,
+                                                         generator=generator)):
         if i in keep:
             kept[i] = (out["x"].float().cpu(), out["pred_x0"].float().cpu())
     return out["x"].clamp(-1, 1), kept
@@ -110,10 +118,15 @@ def make_pictures(diffusion, model, config, args, device, amp_dtype, out):
     channels, size = model.input_conv.in_channels, config["image_size"]
     noise_generator = torch.Generator(device).manual_seed(args.seed)
     noise = torch.randn(GRID_SIZE, channels, size, size, device=device, generator=noise_generator)  # x_T
+    classes = config.get("classes")
+    # class-conditional: row r of the 4 x 4 grid is class r (the first four classes; in turn if there are fewer)
+    y = (torch.arange(GRID_SIZE, device=device) // 4) % len(classes) if classes else None
+    sampler = classifier_free_guidance(model, args.guidance, len(classes or []))  # model itself when guidance = 0
     strip_steps, gif_steps = evenly_spaced(steps, STRIP_FRAMES), evenly_spaced(steps, GIF_FRAMES)
     print(f"sampling {GRID_SIZE} images with {steps} {'DDIM' if args.ddim else 'ancestral'} steps", file=sys.stderr)
     with util.autocast(device, amp_dtype):
-        samples, kept = sample_keeping(diffusion, model, noise, steps, args, keep=set(strip_steps) | set(gif_steps))
+        samples, kept = sample_keeping(diffusion, sampler, noise, steps, args, keep=set(strip_steps) | set(gif_steps),
+                                       y=y)
     util.save_image_grid(samples, os.path.join(out, "grid.png"), nrow=4)
     xs = torch.stack([kept[i][0] for i in strip_steps])  # (frames, 16, C, H, W); the last frame is the sample
     pred_x0s = torch.stack([kept[i][1] for i in strip_steps])
@@ -130,9 +143,21 @@ def make_pictures(diffusion, model, config, args, device, amp_dtype, out):
             continue
         print(f"steps.png: sampling with {k} steps", file=sys.stderr)
         with util.autocast(device, amp_dtype):
-            columns.append(sample_keeping(diffusion, model, noise[:STEPS_ROWS], k, args)[0])
+            columns.append(sample_keeping(diffusion, sampler, noise[:STEPS_ROWS], k, args,
+                                          y=None if y is None else y[:STEPS_ROWS])[0])
     labels = [f"K={k}" if k < T else f"T={k}" for k in counts]
     save_labelled_columns([column.float().cpu() for column in columns], labels, os.path.join(out, "steps.png"))
+
+    if classes:  # guidance.png: a row per class (the first 8), the same noise at each guidance weight
+        rows, guidance_steps = min(8, len(classes)), args.steps or min(T, GUIDANCE_STEPS)
+        print(f"guidance.png: sampling with {guidance_steps} steps at w = {GUIDANCE_WEIGHTS}", file=sys.stderr)
+        columns = []
+        for w in GUIDANCE_WEIGHTS:
+            with util.autocast(device, amp_dtype):
+                columns.append(sample_keeping(diffusion, classifier_free_guidance(model, w, len(classes)),
+                                              noise[:rows], guidance_steps, args,
+                                              y=torch.arange(rows, device=device))[0].float().cpu())
+        save_labelled_columns(columns, [f"w={w:g}" for w in GUIDANCE_WEIGHTS], os.path.join(out, "guidance.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,7 +176,9 @@ def measure_nll(diffusion, model, dataset, args, device, out):
     progress = tqdm(total=num * T, desc="bits/dim (images x T)", unit="call", unit_scale=True, dynamic_ncols=True)
     for start in range(0, num, args.batch_size):
         x0 = torch.stack([dataset[i] for i in range(start, min(start + args.batch_size, num))]).to(device)
-        result = diffusion.bpd(model, x0, progress=progress)  # vb, mse: (B, T); total_bpd, prior_bpd: (B,)
+        # a class-conditional model is measured without a class: the null label its label dropout trained
+        null = None if model.num_classes is None else {"y": torch.full((len(x0),), model.num_classes, device=device)}
+        result = diffusion.bpd(model, x0, model_kwargs=null, progress=progress)  # vb, mse: (B, T); totals: (B,)
         totals.append(result["total_bpd"].cpu())
         priors.append(result["prior_bpd"].cpu())
         vb_sums += result["vb"].sum(dim=0).cpu().double()
@@ -209,8 +236,8 @@ def main(argv=None):
     make_pictures(diffusion, model, config, args, device, amp_dtype, out)
     if args.nll:
         measure_nll(diffusion, model, dataset, args, device, out)
-    print(f"wrote grid.png, process/, pred_x0/, denoise.gif, steps.png{', nll.csv, nll.png' if args.nll else ''} "
-          f"to {out}")
+    extra = (", guidance.png" if config.get("classes") else "") + (", nll.csv, nll.png" if args.nll else "")
+    print(f"wrote grid.png, process/, pred_x0/, denoise.gif, steps.png{extra} to {out}")
 
 
 if __name__ == "__main__":

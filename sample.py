@@ -23,16 +23,20 @@ from PIL import Image
 from tqdm import tqdm
 
 import util
+from diffusion import classifier_free_guidance
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
-    util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --no_ema, --precision, --device
+    util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --guidance, --no_ema, --precision, --device
     p.add_argument("--num", type=int, default=64, help="how many images (FID: 50000)")
     p.add_argument("--out", default=None, help="folder for 1.png ... N.png (None: generated/ beside the checkpoint)")
     p.add_argument("--batch_size", type=int, default=64,
                    help="images per batch: as large as memory allows; changing it changes the images")
     p.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images")
+    p.add_argument("--class", dest="classes", action="append", default=None, metavar="NAME",
+                   help="class-conditional models: the class to sample; repeat it for several, taken in turn "
+                   "(None: all the model's classes in turn). OUT/labels.txt then says each image's class")
     p.add_argument("--npz", default=None, metavar="FILE",
                    help="also write all N images as one uint8 array (N, H, W, 3) to FILE, under the key arr_0")
     return p.parse_args(argv)
@@ -74,10 +78,19 @@ def main(argv=None):
     steps = args.steps or diffusion.num_timesteps
     if args.num < 1 or args.batch_size < 1:
         raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
+    known = config.get("classes") or []
+    if args.classes and not known:
+        raise SystemExit(f"error: --class needs a class-conditional model; {args.checkpoint} was trained without "
+                         f"--class_cond")
+    unknown = [name for name in args.classes or [] if name not in known]
+    if unknown:
+        raise SystemExit(f"error: --class {unknown[0]} is not a class of this model; it knows {', '.join(known)}")
+    classes = args.classes or known  # image i (1-based) gets classes[(i - 1) % len(classes)]; [] if unconditional
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "generated")
     settings = dict(checkpoint=os.path.abspath(args.checkpoint), checkpoint_step=step, ema=not args.no_ema,
                     steps=steps, ddim=args.ddim, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                    device=device.type, precision=str(amp_dtype or torch.float32))
+                    device=device.type, precision=str(amp_dtype or torch.float32), classes=classes,
+                    guidance=args.guidance)
     check_output_folder(out, settings)
 
     def png(i):
@@ -92,15 +105,24 @@ def main(argv=None):
         print(f"continuing in {out}: {done} of {args.num} images are there already")
     shape = (args.batch_size, model.input_conv.in_channels, config["image_size"], config["image_size"])
     progress = tqdm(total=args.num, initial=done, unit="img", desc="sampling", dynamic_ncols=True)
+    sampler = classifier_free_guidance(model, args.guidance, len(known))  # the model itself when guidance = 0
     for b in todo:
+        model_kwargs = None
+        if classes:  # the full batch's labels, like its noise: image i's class depends on i only
+            names = [classes[i % len(classes)] for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
+            model_kwargs = {"y": torch.tensor([known.index(name) for name in names], device=device)}
         with util.autocast(device, amp_dtype):
-            x = diffusion.sample(model, shape, steps=steps, ddim=args.ddim, eta=args.eta, device=device,
-                                 generator=batch_generator(args.seed, b, device), progress=True)  # (B, 3, H, W)
+            x = diffusion.sample(sampler, shape, steps=steps, ddim=args.ddim, eta=args.eta, device=device,
+                                 model_kwargs=model_kwargs, generator=batch_generator(args.seed, b, device),
+                                 progress=True)  # (B, 3, H, W)
         pixels = util.to_uint8(x)  # (batch_size, H, W, 3); the last batch keeps only the images it needs
         for i, image in zip(numbers[b], pixels):
             save_png(image, png(i))
         progress.update(len(numbers[b]))
     progress.close()
+    if classes:  # the output is itself a labelled dataset: line n is the class of n.png
+        with open(os.path.join(out, "labels.txt"), "w") as f:
+            f.write("".join(f"{classes[i % len(classes)]}\n" for i in range(args.num)))
     print(f"wrote {args.num} images ({config['image_size']}x{config['image_size']}) to {out}")
 
     if args.npz:

@@ -38,6 +38,12 @@ def parse_args(argv=None):
     g.add_argument("--image_size", type=int, default=32, help="images of another size are centre-cropped and resized")
     g.add_argument("--num_workers", type=int, default=2,
                    help="DataLoader worker processes per GPU (0 = load in the main process)")
+    g.add_argument("--class_cond", action=on_off, default=False,
+                   help="class-conditional: read each image's class from DATA_DIR/labels.txt (util.py prepare "
+                   "--labels writes it); sample.py --class then asks for a class")
+    g.add_argument("--class_dropout", type=float, default=0.1,
+                   help="with --class_cond, replace a label by the null label with this probability, so that one "
+                   "model also samples without a class: classifier-free guidance needs both (Ho & Salimans 2022)")
     g = p.add_argument_group("model (unet.py)")
     g.add_argument("--base_channels", type=int, default=32,
                    help="channels at full resolution; the main knob for model size")
@@ -97,7 +103,8 @@ STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on stopping, under 
 
 # The checkpoint must match the model and process these flags build; the others may change between resumes.
 ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
-                "num_timesteps", "noise_schedule", "learn_sigma", "loss_type", "importance_sampling")
+                "num_timesteps", "noise_schedule", "learn_sigma", "loss_type", "importance_sampling", "class_cond",
+                "classes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,13 +133,20 @@ class ShuffleForever(torch.utils.data.Sampler):
 
 def save_samples(ema, diffusion, config, step, device):
     """OUT/samples/STEP.png: a grid of EMA samples drawn with 50 respaced steps (sec. 4), quick and close to the
-    quality of all T steps when the variances are learned."""
-    shape = (config["num_samples"], 3, config["image_size"], config["image_size"])
+    quality of all T steps when the variances are learned. Class-conditional: a row per class (the first 8)."""
+    num, nrow, model_kwargs = config["num_samples"], None, None
+    if config["classes"]:
+        rows = min(8, len(config["classes"]))
+        nrow = max(1, num // rows)
+        num = rows * nrow
+        model_kwargs = {"y": torch.arange(rows, device=device).repeat_interleave(nrow)}  # row r: class r
+    shape = (num, 3, config["image_size"], config["image_size"])
     # Sampling must not change the training run's random stream, so it runs on a forked, restored one.
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(config["seed"])  # the same noise every time: the grids show the model improving
-        samples = diffusion.sample(ema, shape, steps=50, device=device)  # (num_samples, 3, H, W) in [-1, 1]
-    util.save_image_grid(samples, os.path.join(config["out_dir"], "samples", f"{step:06d}.png"))
+        samples = diffusion.sample(ema, shape, steps=min(50, diffusion.num_timesteps), device=device,
+                                   model_kwargs=model_kwargs)  # (num, 3, H, W) in [-1, 1]
+    util.save_image_grid(samples, os.path.join(config["out_dir"], "samples", f"{step:06d}.png"), nrow=nrow)
 
 
 def plot_losses(log_path, png_path):
@@ -160,13 +174,20 @@ def plot_losses(log_path, png_path):
 # Training
 
 
-def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step, args, amp_dtype):
-    """One AdamW step on the batch x0 (B, 3, H, W), then the EMA update. train_model is model, or its DDP or
-    torch.compile wrapper. Returns the weighted mean loss, the per-example losses and the gradient norm, left on the
-    device: reading them would make the CPU wait for the GPU."""
+def drop_labels(y, p, null_label):
+    """Each label becomes the null label with probability p, so that the network also learns eps(x_t, no class):
+    classifier-free guidance mixes the two at sampling time (Ho & Salimans 2022, Algorithm 1)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_label), y)
+
+
+def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step, args, amp_dtype, y=None):
+    """One AdamW step on the batch x0 (B, 3, H, W) (and its class labels y (B,), if class-conditional), then the
+    EMA update. train_model is model, or its DDP or torch.compile wrapper. Returns the weighted mean loss, the
+    per-example losses and the gradient norm, left on the device: reading them would make the CPU wait for the GPU."""
     t, weights = diffusion.sample_timesteps(x0.shape[0], x0.device)  # weights: importance sampling's 1 / (T p_t)
+    model_kwargs = None if y is None else {"y": drop_labels(y, args.class_dropout, model.num_classes)}
     with util.autocast(x0.device, amp_dtype):
-        losses = diffusion.training_losses(train_model, x0, t)
+        losses = diffusion.training_losses(train_model, x0, t, model_kwargs=model_kwargs)
     loss = (losses["loss"] * weights).mean()
     for group in optimizer.param_groups:
         group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))  # linear warm-up
@@ -211,9 +232,10 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     try:  # check the data first: a bad folder stops the run at once, with one line saying what to do
-        dataset = util.NumberedImages(args.data_dir, args.image_size)
-    except FileNotFoundError as error:
+        dataset = util.NumberedImages(args.data_dir, args.image_size, labels=args.class_cond)
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
+    config["classes"] = dataset.classes  # None, or the class names: the checkpoint says what each label means
 
     # -- model, process, optimiser --------------------------------------------------------------------------
     model, diffusion = util.build_model_and_diffusion(config)
@@ -232,8 +254,9 @@ def main(argv=None):
             checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
         except ValueError as error:
             raise SystemExit(f"error: {error}; move it away to start a new run in {args.out_dir}") from None
-        changed = [f"--{k} {checkpoint['config'].get(k)} (now {config[k]})" for k in ARCHITECTURE
-                   if checkpoint["config"].get(k) != config[k] and str(checkpoint["config"].get(k)) != str(config[k])]
+        trained = {"class_cond": False, "classes": None, **checkpoint["config"]}  # older checkpoints: no classes
+        changed = [f"--{k} {trained.get(k)} (now {config[k]})" for k in ARCHITECTURE
+                   if trained.get(k) != config[k] and str(trained.get(k)) != str(config[k])]
         if changed:
             raise SystemExit(f"{ckpt_path} was trained with {', '.join(changed)}: pass the same flags to resume, "
                              f"or a new --out_dir to start another run")
@@ -316,11 +339,13 @@ def main(argv=None):
     stop_reason = "max_steps"
     try:
         while step < args.max_steps:
-            x0 = next(batches).to(device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+            x0, y = next(batches) if args.class_cond else (next(batches), None)  # (B, 3, H, W) in [-1, 1], (B,)
+            x0 = x0.to(device, non_blocking=True)
+            y = y if y is None else y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             loss, losses, grad_norm = training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step,
-                                                    args, amp_dtype)
+                                                    args, amp_dtype, y)
             lr = optimizer.param_groups[0]["lr"]
             step += 1
             progress.update()

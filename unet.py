@@ -142,7 +142,8 @@ class EmbedSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """x (B, in_channels, H, W), t (B,) int64 timesteps, y (B,) int64 labels iff num_classes is set ->
+    """x (B, in_channels, H, W), t (B,) int64 timesteps, y (B,) int64 labels iff num_classes is set (0 ...
+    num_classes - 1, or num_classes for "no class": the null label of classifier-free guidance) ->
     (B, 2*in_channels, H, W) = [eps, v] if learn_sigma else eps (B, in_channels, H, W).
     attention_resolutions are feature-map sizes in pixels (16: where the map is 16x16 when the input is
     image_size x image_size); image_size matters only for that."""
@@ -154,7 +155,8 @@ class UNet(nn.Module):
         emb_channels = 4 * base_channels
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
-        self.label_embed = nn.Embedding(num_classes, emb_channels) if num_classes is not None else None
+        # one more embedding than classes: the null label, which train.py puts in place of a dropped label
+        self.label_embed = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
 
         # encoder: per level, num_res_blocks ResBlocks, then halve the resolution (except at the last level)
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)

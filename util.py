@@ -94,12 +94,32 @@ def numbered_pngs(folder):
     return [p for p in Path(folder).glob("*.png") if re.fullmatch(r"\d+\.png", p.name)]
 
 
-class NumberedImages(torch.utils.data.Dataset):
-    """1.png ... N.png as (3, size, size) tensors in [-1, 1]. Indices N..2N-1 are the same images mirrored: the
-    random horizontal flip, chosen by train.py's seeded sampler so that a resumed run sees the same batches.
-    A missing or empty folder, or a gap in the numbering, raises FileNotFoundError naming the file and the fix."""
+def read_labels(folder, count):
+    """folder/labels.txt, line n the class name of n.png -> (classes, labels): the sorted distinct names, and each
+    image's index into them. Raises FileNotFoundError or ValueError naming the file and the fix."""
+    path = os.path.join(folder, "labels.txt")
+    fix = f"make it with: python util.py prepare SRC --out {folder} --labels (images in SRC/CLASS/)"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: a class-conditional model needs every image's class; {fix}")
+    with open(path) as f:
+        names = [line.strip() for line in f.read().splitlines()]
+    if len(names) != count:
+        raise ValueError(f"{path} has {len(names)} lines for the {count} images of {folder}: line n must be the "
+                         f"class of n.png; {fix}")
+    if "" in names:
+        raise ValueError(f"{path}: line {names.index('') + 1} is empty, so {names.index('') + 1}.png has no class")
+    classes = sorted(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [index[name] for name in names]
 
-    def __init__(self, folder, image_size):
+
+class NumberedImages(torch.utils.data.Dataset):
+    """1.png ... N.png as (3, size, size) tensors in [-1, 1], or with labels=True as (image, class index) from
+    labels.txt. Indices N..2N-1 are the same images mirrored: the random horizontal flip, chosen by train.py's
+    seeded sampler so that a resumed run sees the same batches. A missing or empty folder, or a gap in the
+    numbering, raises FileNotFoundError naming the file and the fix; a bad labels.txt, ValueError."""
+
+    def __init__(self, folder, image_size, labels=False):
         fix = f"make one with: python util.py prepare YOUR_IMAGES --out {folder} --size {image_size}"
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"data folder {folder!r} does not exist; {fix}")
@@ -116,6 +136,7 @@ class NumberedImages(torch.utils.data.Dataset):
         self.paths = [os.path.join(folder, f"{n}.png") for n in numbers]
         self.image_size = image_size
         self.reported = set()
+        self.classes, self.labels = read_labels(folder, len(self.paths)) if labels else (None, None)
 
     def __len__(self):
         return 2 * len(self.paths)
@@ -123,7 +144,8 @@ class NumberedImages(torch.utils.data.Dataset):
     def __getitem__(self, index):
         # A corrupt file must not kill a long run: report it once and use the next image instead.
         for attempt in range(len(self.paths)):
-            path = self.paths[(index + attempt) % len(self.paths)]
+            chosen = (index + attempt) % len(self.paths)
+            path = self.paths[chosen]
             try:
                 with Image.open(path) as img:
                     img = center_crop_resize(to_rgb(img), self.image_size)
@@ -136,7 +158,8 @@ class NumberedImages(torch.utils.data.Dataset):
             raise RuntimeError(f"no readable image among the {len(self.paths)} files of {os.path.dirname(path)}")
         if index >= len(self.paths):
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(img).float() / 127.5 - 1  # (3, size, size), uint8 0..255 -> [-1, 1]
+        x = pil_to_tensor(img).float() / 127.5 - 1  # (3, size, size), uint8 0..255 -> [-1, 1]
+        return x if self.labels is None else (x, self.labels[chosen])
 
 
 def clear_output_folder(out, overwrite):
@@ -208,10 +231,12 @@ def prepare(srcs, out, size, min_size, overwrite=False, labels=False):
 
 def build_model_and_diffusion(config):
     """The network and the process a config (a dict of train.py's flags, as stored in a checkpoint) describes."""
+    classes = config.get("classes")  # the class names of a class-conditional model (train.py --class_cond)
     model = UNet(image_size=config["image_size"], base_channels=config["base_channels"],
                  channel_mult=tuple(config["channel_mult"]), num_res_blocks=config["num_res_blocks"],
                  attention_resolutions=tuple(config["attention_resolutions"]), num_heads=config["num_heads"],
-                 dropout=config["dropout"], learn_sigma=config["learn_sigma"])
+                 dropout=config["dropout"], learn_sigma=config["learn_sigma"],
+                 num_classes=len(classes) if classes else None)
     diffusion = GaussianDiffusion(num_timesteps=config["num_timesteps"], noise_schedule=config["noise_schedule"],
                                   learn_sigma=config["learn_sigma"], loss_type=config["loss_type"],
                                   importance_sampling=config["importance_sampling"])
@@ -294,6 +319,9 @@ def add_sampling_flags(p):
                    "sampled (sec. 4); with learned variances it keeps most of the quality at 50-100 steps")
     p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral sampling")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="class-conditional models: classifier-free guidance weight w, eps = (1 + w) eps(x, class) - "
+                   "w eps(x, no class); 0 = plain conditional sampling, larger = more typical of the class")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs with AVX-512 "
@@ -312,6 +340,11 @@ def load_for_sampling(args):
     T = diffusion.num_timesteps
     if args.steps is not None and not 2 <= args.steps <= T:
         raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
+    if args.guidance and not config.get("classes"):
+        raise SystemExit(f"error: --guidance needs a class-conditional model; {args.checkpoint} was trained without "
+                         f"--class_cond")
+    if args.guidance < 0:
+        raise SystemExit(f"error: --guidance {args.guidance} must be 0 (no guidance) or more")
     return model, diffusion, config, step, device, autocast_dtype(device, args.precision)
 
 
