@@ -134,30 +134,41 @@ def make_pictures(diffusion, model, config, args, device, amp_dtype, out):
     save_strips(pred_x0s, os.path.join(out, "pred_x0"))
     save_gif(torch.stack([kept[i][0] for i in gif_steps]), os.path.join(out, "denoise.gif"), nrow=4)
 
-    # steps.png: the paper's sec. 4 in one picture. Every column starts from the same x_T.
+    save_steps_comparison(diffusion, sampler, noise[:STEPS_ROWS], None if y is None else y[:STEPS_ROWS], steps,
+                          samples[:STEPS_ROWS], args, device, amp_dtype, os.path.join(out, "steps.png"))
+    if classes:
+        rows = min(8, len(classes))  # a row per class, the first 8
+        save_guidance_comparison(diffusion, model, noise[:rows], torch.arange(rows, device=device),
+                                 args.steps or min(T, GUIDANCE_STEPS), args, device, amp_dtype,
+                                 os.path.join(out, "guidance.png"))
+
+
+def save_steps_comparison(diffusion, sampler, noise, y, steps, samples, args, device, amp_dtype, path):
+    """steps.png, the paper's sec. 4 in one picture: every column starts from the same x_T = noise and samples
+    with K = 10, 25, 50, 100 and T steps. samples: those already drawn with `steps` steps."""
+    T = diffusion.num_timesteps
     counts = sorted({k for k in STEPS_COMPARED if k < T} | {T})
     columns = []
     for k in counts:
         if k == steps:
-            columns.append(samples[:STEPS_ROWS])  # sampled above already
+            columns.append(samples)
             continue
         print(f"steps.png: sampling with {k} steps", file=sys.stderr)
         with util.autocast(device, amp_dtype):
-            columns.append(sample_keeping(diffusion, sampler, noise[:STEPS_ROWS], k, args,
-                                          y=None if y is None else y[:STEPS_ROWS])[0])
+            columns.append(sample_keeping(diffusion, sampler, noise, k, args, y=y)[0])
     labels = [f"K={k}" if k < T else f"T={k}" for k in counts]
-    save_labelled_columns([column.float().cpu() for column in columns], labels, os.path.join(out, "steps.png"))
+    save_labelled_columns([column.float().cpu() for column in columns], labels, path)
 
-    if classes:  # guidance.png: a row per class (the first 8), the same noise at each guidance weight
-        rows, guidance_steps = min(8, len(classes)), args.steps or min(T, GUIDANCE_STEPS)
-        print(f"guidance.png: sampling with {guidance_steps} steps at w = {GUIDANCE_WEIGHTS}", file=sys.stderr)
-        columns = []
-        for w in GUIDANCE_WEIGHTS:
-            with util.autocast(device, amp_dtype):
-                columns.append(sample_keeping(diffusion, classifier_free_guidance(model, w, len(classes)),
-                                              noise[:rows], guidance_steps, args,
-                                              y=torch.arange(rows, device=device))[0].float().cpu())
-        save_labelled_columns(columns, [f"w={w:g}" for w in GUIDANCE_WEIGHTS], os.path.join(out, "guidance.png"))
+
+def save_guidance_comparison(diffusion, model, noise, y, steps, args, device, amp_dtype, path):
+    """guidance.png: the classes y, one a row, from the same noise at each guidance weight, one a column."""
+    print(f"guidance.png: sampling with {steps} steps at w = {GUIDANCE_WEIGHTS}", file=sys.stderr)
+    columns = []
+    for w in GUIDANCE_WEIGHTS:
+        with util.autocast(device, amp_dtype):
+            guided = classifier_free_guidance(model, w, model.num_classes)
+            columns.append(sample_keeping(diffusion, guided, noise, steps, args, y=y)[0].float().cpu())
+    save_labelled_columns(columns, [f"w={w:g}" for w in GUIDANCE_WEIGHTS], path)
 
 
 # ----------------------------------------------------------------------------------------------------------
