@@ -85,7 +85,7 @@ def main(argv=None):
     unknown = [name for name in args.classes or [] if name not in known]
     if unknown:
         raise SystemExit(f"error: --class {unknown[0]} is not a class of this model; it knows {', '.join(known)}")
-    classes = args.classes or known  # image i (1-based) gets classes[(i - 1) % len(classes)]; [] if unconditional
+    classes = args.classes or known  # taken in turn by images 1, 2, ...; [] if unconditional
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "generated")
     settings = dict(checkpoint=os.path.abspath(args.checkpoint), checkpoint_step=step, ema=not args.no_ema,
                     steps=steps, ddim=args.ddim, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
@@ -95,6 +95,9 @@ def main(argv=None):
 
     def png(i):
         return os.path.join(out, f"{i}.png")
+
+    def class_name(i):  # of image i + 1: every batch is labelled in full, like its noise, so i alone decides it
+        return classes[i % len(classes)]
 
     # image i (1-based) is row (i - 1) % batch_size of batch (i - 1) // batch_size
     num_batches = math.ceil(args.num / args.batch_size)
@@ -108,8 +111,8 @@ def main(argv=None):
     sampler = classifier_free_guidance(model, args.guidance, len(known))  # the model itself when guidance = 0
     for b in todo:
         model_kwargs = None
-        if classes:  # the full batch's labels, like its noise: image i's class depends on i only
-            names = [classes[i % len(classes)] for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
+        if classes:
+            names = [class_name(i) for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
             model_kwargs = {"y": torch.tensor([known.index(name) for name in names], device=device)}
         with util.autocast(device, amp_dtype):
             x = diffusion.sample(sampler, shape, steps=steps, ddim=args.ddim, eta=args.eta, device=device,
@@ -121,8 +124,7 @@ def main(argv=None):
         progress.update(len(numbers[b]))
     progress.close()
     if classes:  # the output is itself a labelled dataset: line n is the class of n.png
-        with open(os.path.join(out, "labels.txt"), "w") as f:
-            f.write("".join(f"{classes[i % len(classes)]}\n" for i in range(args.num)))
+        util.write_labels(out, [class_name(i) for i in range(args.num)])
     print(f"wrote {args.num} images ({config['image_size']}x{config['image_size']}) to {out}")
 
     if args.npz:

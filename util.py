@@ -113,6 +113,12 @@ def read_labels(folder, count):
     return classes, [index[name] for name in names]
 
 
+def write_labels(folder, names):
+    """folder/labels.txt from the class names of 1.png, 2.png, ... in order: the file read_labels reads."""
+    with open(os.path.join(folder, "labels.txt"), "w") as f:
+        f.write("".join(f"{name}\n" for name in names))
+
+
 class NumberedImages(torch.utils.data.Dataset):
     """1.png ... N.png as (3, size, size) tensors in [-1, 1], or with labels=True as (image, class index) from
     labels.txt. Indices N..2N-1 are the same images mirrored: the random horizontal flip, chosen by train.py's
@@ -170,8 +176,9 @@ def clear_output_folder(out, overwrite):
             f"error: {out} already holds {len(old)} numbered PNGs (1.png, 2.png, ...) from an earlier run; "
             f"writing there would mix two datasets. Pass --overwrite to delete them first, or pick another --out."
         )
-    for p in old + [p for p in [Path(out) / "labels.txt"] if p.exists()]:
+    for p in old:
         p.unlink()
+    (Path(out) / "labels.txt").unlink(missing_ok=True)
     Path(out).mkdir(parents=True, exist_ok=True)
 
 
@@ -218,8 +225,7 @@ def prepare(srcs, out, size, min_size, overwrite=False, labels=False):
         written_classes.append(name)
     print(f"wrote {written} images ({size}x{size} RGB) to {out}; skipped {skipped}")
     if labels:
-        with open(Path(out) / "labels.txt", "w") as f:
-            f.write("".join(f"{name}\n" for name in written_classes))
+        write_labels(out, written_classes)
         counts = {name: written_classes.count(name) for name in sorted(set(written_classes))}
         print(f"wrote labels.txt, {len(counts)} classes: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     return written

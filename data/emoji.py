@@ -135,8 +135,7 @@ def emoji(font_path, out, size, test_fraction, seed):
         util.clear_output_folder(folder, overwrite=True)  # regenerating replaces the previous emoji set
         for n, (img, _) in enumerate(selected, start=1):
             img.save(Path(folder) / f"{n}.png")
-        with open(Path(folder) / "labels.txt", "w") as f:  # line n: the class of n.png
-            f.write("".join(f"{name}\n" for _, name in selected))
+        util.write_labels(folder, [name for _, name in selected])  # line n: the class of n.png
         counts = {name: sum(name == label for _, label in selected) for name in sorted(class_of.values())}
         print(f"wrote {len(selected)} emoji ({size}x{size} RGB) and labels.txt to {folder}: "
               + ", ".join(f"{count} {name}" for name, count in counts.items()))

@@ -1,7 +1,6 @@
 """Class-conditional models: labels.txt, label dropout, classifier-free guidance, and the scripts end to end."""
 import importlib
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
 from diffusion import GaussianDiffusion, classifier_free_guidance  # noqa: E402
+from test_sample_eval import fails_with_one_line  # noqa: E402
 
 evaluate = importlib.import_module("eval")  # the script eval.py; the name `eval` is Python's built-in
 
@@ -110,14 +110,6 @@ def test_eval_grid_rows_and_guidance_columns(labelled, tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (2 + 4 * cell, 2 + 4 * cell)
     # guidance.png: w = 0, 1, 3, 5, a row for each of the 3 classes, images enlarged 4x, a 20 px label row
     assert Image.open(tmp_path / "guidance.png").size == (4 * 4 * (2 + cell), 20 + 4 * (2 + 3 * cell))
-
-
-def fails_with_one_line(script, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_bad_labels_and_classes_are_refused_in_one_line(labelled, tmp_path):

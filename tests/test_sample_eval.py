@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 import sample  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
+from test_util import WritesAFileWhenUnpickled  # noqa: E402
 
 evaluate = importlib.import_module("eval")  # the script eval.py; the name `eval` is Python's built-in
 
@@ -179,14 +180,6 @@ def test_nll_terms_sum_to_the_total_and_training_lowers_it(run_dir, tmp_path, ca
 
 # ----------------------------------------------------------------------------------------------------------
 # bad input: one line that names the file and what to do, a non-zero exit, no traceback
-
-
-class WritesAFileWhenUnpickled:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):  # unpickling calls open(marker, "w"), which creates the file
-        return (open, (str(self.marker), "w"))
 
 
 def fails_with_one_line(script, *args):
