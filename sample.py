@@ -4,6 +4,7 @@ Generate images from a trained model as numbered PNGs 1.png ... N.png, e.g. for 
     python sample.py runs/emoji/ckpt.pt --num 64 --steps 50       # 50 respaced steps (sec. 4): 20x faster
     python sample.py runs/anime64/ckpt.pt --num 50000 --out samples/ --npz samples.npz
     python -m pytorch_fid samples/ AnimeFaces64/                   # FID (pip install pytorch-fid)
+    python sample.py runs/superres/ckpt.pt --low_res small/ --steps 100   # super-resolution: small/N.png -> N.png
 
 Images are made in batches. Batch b draws all its noise from its own generator, seeded by --seed and b, and is
 always drawn at the full --batch_size, so image i depends only on the checkpoint, the sampling flags, --seed,
@@ -29,7 +30,8 @@ from diffusion import classifier_free_guidance
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
     util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --guidance, --no_ema, --precision, --device
-    p.add_argument("--num", type=int, default=64, help="how many images (FID: 50000)")
+    p.add_argument("--num", type=int, default=None,
+                   help="how many images (FID: 50000). None: 64, or with --low_res one per low-res image")
     p.add_argument("--out", default=None, help="folder for 1.png ... N.png (None: generated/ beside the checkpoint)")
     p.add_argument("--batch_size", type=int, default=64,
                    help="images per batch: as large as memory allows; changing it changes the images")
@@ -37,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--class", dest="classes", action="append", default=None, metavar="NAME",
                    help="class-conditional models: the class to sample; repeat it for several, taken in turn "
                    "(None: all the model's classes in turn). OUT/labels.txt then says each image's class")
+    p.add_argument("--low_res", default=None, metavar="DIR",
+                   help="super-resolution models (train.py --super_res_from S): enlarge DIR's S x S images 1.png ... "
+                   "N.png; image n of the output is 1.png ... N.png's n.png made large")
     p.add_argument("--npz", default=None, metavar="FILE",
                    help="also write all N images as one uint8 array (N, H, W, 3) to FILE, under the key arr_0")
     return p.parse_args(argv)
@@ -51,6 +56,26 @@ def save_png(pixels, path):
     """(H, W, 3) uint8 -> PNG, written to a temporary name and renamed: a PNG that exists is a complete one."""
     Image.fromarray(pixels.numpy()).save(path + ".tmp", format="PNG")
     os.replace(path + ".tmp", path)
+
+
+def open_low_res(folder, size):
+    """folder's images 1.png ... N.png, checked to be size x size, as a util.NumberedImages: item n - 1 is n.png as a
+    (3, size, size) tensor in [-1, 1]. Exits with one line naming the first bad file and what to do."""
+    try:
+        images = util.NumberedImages(folder, size)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: --low_res: {error}") from None
+    fix = f"make them with: python util.py prepare YOUR_IMAGES --out DIR --size {size} --min_size {size}"
+    for path in images.paths:
+        try:
+            with Image.open(path) as img:
+                found = img.size
+        except OSError as error:
+            raise SystemExit(f"error: --low_res: cannot read {path} as an image ({error})") from None
+        if found != (size, size):
+            raise SystemExit(f"error: --low_res: {path} is {found[0]}x{found[1]}, but this model enlarges "
+                             f"{size}x{size} images; {fix}")
+    return images
 
 
 def check_output_folder(out, settings):
@@ -76,6 +101,19 @@ def main(argv=None):
     args = parse_args(argv)
     model, diffusion, config, step, device, amp_dtype = util.load_for_sampling(args)
     steps = args.steps or diffusion.num_timesteps
+    low_res_size = config.get("super_res_from")
+    if low_res_size and not args.low_res:
+        raise SystemExit(f"error: {args.checkpoint} is a super-resolution model ({low_res_size}x{low_res_size} -> "
+                         f"{config['image_size']}x{config['image_size']}): pass --low_res DIR, a folder of "
+                         f"{low_res_size}x{low_res_size} images 1.png ... N.png")
+    if args.low_res and not low_res_size:
+        raise SystemExit(f"error: --low_res needs a super-resolution model; {args.checkpoint} was trained without "
+                         f"--super_res_from")
+    low_res_images = open_low_res(args.low_res, low_res_size) if args.low_res else None
+    num_inputs = len(low_res_images.paths) if args.low_res else None
+    args.num = args.num or num_inputs or 64
+    if args.low_res and args.num > num_inputs:
+        raise SystemExit(f"error: --num {args.num} is more than the {num_inputs} images of {args.low_res}")
     if args.num < 1 or args.batch_size < 1:
         raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
     known = config.get("classes") or []
@@ -90,7 +128,7 @@ def main(argv=None):
     settings = dict(checkpoint=os.path.abspath(args.checkpoint), checkpoint_step=step, ema=not args.no_ema,
                     steps=steps, ddim=args.ddim, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
                     device=device.type, precision=str(amp_dtype or torch.float32), classes=classes,
-                    guidance=args.guidance)
+                    guidance=args.guidance, low_res=args.low_res and os.path.abspath(args.low_res))
     check_output_folder(out, settings)
 
     def png(i):
@@ -106,14 +144,18 @@ def main(argv=None):
     done = args.num - sum(len(numbers[b]) for b in todo)
     if done:
         print(f"continuing in {out}: {done} of {args.num} images are there already")
-    shape = (args.batch_size, model.input_conv.in_channels, config["image_size"], config["image_size"])
+    shape = (args.batch_size, model.in_channels, config["image_size"], config["image_size"])
     progress = tqdm(total=args.num, initial=done, unit="img", desc="sampling", dynamic_ncols=True)
     sampler = classifier_free_guidance(model, args.guidance, len(known))  # the model itself when guidance = 0
     for b in todo:
-        model_kwargs = None
+        model_kwargs = {}
         if classes:
             names = [class_name(i) for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
-            model_kwargs = {"y": torch.tensor([known.index(name) for name in names], device=device)}
+            model_kwargs["y"] = torch.tensor([known.index(name) for name in names], device=device)
+        if args.low_res:  # row r enlarges image b * batch_size + r; the rows past the last image repeat it
+            rows = [min(i, num_inputs - 1) for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
+            low_res = torch.stack([low_res_images[i] for i in rows]).to(device)  # (B, 3, S, S)
+            model_kwargs["low_res"] = util.upsample(low_res, config["image_size"])  # (B, 3, H, W)
         with util.autocast(device, amp_dtype):
             x = diffusion.sample(sampler, shape, steps=steps, ddim=args.ddim, eta=args.eta, device=device,
                                  model_kwargs=model_kwargs, generator=batch_generator(args.seed, b, device),

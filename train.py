@@ -12,6 +12,7 @@ Then look at the model with `python eval.py OUT/ckpt.pt`, or generate images wit
 import argparse
 import copy
 import csv
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -44,6 +46,10 @@ def parse_args(argv=None):
     g.add_argument("--class_dropout", type=float, default=0.1,
                    help="with --class_cond, replace a label by the null label with this probability, so that one "
                    "model also samples without a class: classifier-free guidance needs both (Ho & Salimans 2022)")
+    g.add_argument("--super_res_from", type=int, default=None, metavar="S",
+                   help="super-resolution: condition on the image shrunk to S x S (util.downsample) and enlarged "
+                   "back (bilinear), so that the model learns to make IMAGE_SIZE images from S x S ones; sample "
+                   "with sample.py --low_res (None: an unconditional model)")
     g = p.add_argument_group("model (unet.py)")
     g.add_argument("--base_channels", type=int, default=32,
                    help="channels at full resolution; the main knob for model size")
@@ -104,7 +110,7 @@ STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on stopping, under 
 # The checkpoint must match the model and process these flags build; the others may change between resumes.
 ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                 "num_timesteps", "noise_schedule", "learn_sigma", "loss_type", "importance_sampling", "class_cond",
-                "classes")
+                "classes", "super_res_from")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,21 +137,32 @@ class ShuffleForever(torch.utils.data.Sampler):
 # Outputs
 
 
-def save_samples(ema, diffusion, config, step, device):
+def save_samples(ema, diffusion, config, step, device, dataset):
     """OUT/samples/STEP.png: a grid of EMA samples drawn with 50 respaced steps (sec. 4), quick and close to the
-    quality of all T steps when the variances are learned. Class-conditional: a row per class (the first 8)."""
-    num, nrow, model_kwargs = config["num_samples"], None, None
+    quality of all T steps when the variances are learned. Class-conditional: a row per class (the first 8).
+    Super-resolution: the first training images, in rows of three: low-res input, the model's sample, original."""
+    num, nrow, model_kwargs = config["num_samples"], None, {}
+    size, low_res_size = config["image_size"], config["super_res_from"]
     if config["classes"]:
         rows = min(8, len(config["classes"]))
         nrow = max(1, num // rows)
         num = rows * nrow
-        model_kwargs = {"y": torch.arange(rows, device=device).repeat_interleave(nrow)}  # row r: class r
-    shape = (num, 3, config["image_size"], config["image_size"])
+        model_kwargs["y"] = torch.arange(rows, device=device).repeat_interleave(nrow)  # row r: class r
+    if low_res_size:
+        nrow = max(1, math.isqrt(min(num, len(dataset) // 2)))
+        num = nrow * (min(num, len(dataset) // 2) // nrow)  # whole rows
+        originals = torch.stack([dataset[i] for i in range(num)]).to(device)  # (num, 3, H, W), not mirrored
+        low_res = util.downsample(originals, low_res_size)  # (num, 3, S, S)
+        model_kwargs["low_res"] = util.upsample(low_res, size)
     # Sampling must not change the training run's random stream, so it runs on a forked, restored one.
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(config["seed"])  # the same noise every time: the grids show the model improving
-        samples = diffusion.sample(ema, shape, steps=min(50, diffusion.num_timesteps), device=device,
+        samples = diffusion.sample(ema, (num, 3, size, size), steps=min(50, diffusion.num_timesteps), device=device,
                                    model_kwargs=model_kwargs)  # (num, 3, H, W) in [-1, 1]
+    if low_res_size:
+        blocky = F.interpolate(low_res, size=(size, size), mode="nearest")  # the input as it is: big pixels
+        triples = torch.stack([blocky, samples.float(), originals]).unflatten(1, (-1, nrow))  # (3, rows, nrow, ...)
+        samples = triples.transpose(0, 1).flatten(0, 2)  # rows in threes: low-res, sample, original
     util.save_image_grid(samples, os.path.join(config["out_dir"], "samples", f"{step:06d}.png"), nrow=nrow)
 
 
@@ -181,11 +198,16 @@ def drop_labels(y, p, null_label):
 
 
 def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step, args, amp_dtype, y=None):
-    """One AdamW step on the batch x0 (B, 3, H, W) (and its class labels y (B,), if class-conditional), then the
-    EMA update. train_model is model, or its DDP or torch.compile wrapper. Returns the weighted mean loss, the
-    per-example losses and the gradient norm, left on the device: reading them would make the CPU wait for the GPU."""
+    """One AdamW step on the batch x0 (B, 3, H, W) (and its class labels y (B,), if class-conditional; the
+    condition of a super-resolution model is made from x0 here), then the EMA update. train_model is model, or its
+    DDP or torch.compile wrapper. Returns the weighted mean loss, the per-example losses and the gradient norm, left
+    on the device: reading them would make the CPU wait for the GPU."""
     t, weights = diffusion.sample_timesteps(x0.shape[0], x0.device)  # weights: importance sampling's 1 / (T p_t)
-    model_kwargs = None if y is None else {"y": drop_labels(y, args.class_dropout, model.num_classes)}
+    model_kwargs = {}
+    if y is not None:
+        model_kwargs["y"] = drop_labels(y, args.class_dropout, model.num_classes)
+    if args.super_res_from:  # the condition: x0 shrunk to S x S and enlarged back, (B, 3, H, W)
+        model_kwargs["low_res"] = util.upsample(util.downsample(x0, args.super_res_from), x0.shape[-1])
     with util.autocast(x0.device, amp_dtype):
         losses = diffusion.training_losses(train_model, x0, t, model_kwargs=model_kwargs)
     loss = (losses["loss"] * weights).mean()
@@ -231,6 +253,11 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
+    if args.super_res_from is not None and not 1 <= args.super_res_from < args.image_size:
+        raise SystemExit(f"error: --super_res_from {args.super_res_from} must be between 1 and --image_size - 1 = "
+                         f"{args.image_size - 1}: the model makes {args.image_size}px images from smaller ones")
+    if args.super_res_from and args.class_cond:
+        raise SystemExit("error: --super_res_from and --class_cond together are not supported; train one of the two")
     try:  # check the data first: a bad folder stops the run at once, with one line saying what to do
         dataset = util.NumberedImages(args.data_dir, args.image_size, labels=args.class_cond)
     except (FileNotFoundError, ValueError) as error:
@@ -254,7 +281,8 @@ def main(argv=None):
             checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
         except ValueError as error:
             raise SystemExit(f"error: {error}; move it away to start a new run in {args.out_dir}") from None
-        trained = {"class_cond": False, "classes": None, **checkpoint["config"]}  # older checkpoints: no classes
+        # older checkpoints: no classes, no super-resolution
+        trained = {"class_cond": False, "classes": None, "super_res_from": None, **checkpoint["config"]}
         changed = [f"--{k} {trained.get(k)} (now {config[k]})" for k in ARCHITECTURE
                    if trained.get(k) != config[k] and str(trained.get(k)) != str(config[k])]
         if changed:
@@ -384,7 +412,7 @@ def main(argv=None):
                                 f"{images_per_s:.1f},{now - start_time:.1f}\n")
                     plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
             if is_main and args.sample_every and step % args.sample_every == 0:
-                save_samples(ema, diffusion, config, step, device)
+                save_samples(ema, diffusion, config, step, device, dataset)
             if step % args.save_every == 0 and step < args.max_steps:
                 save()
             if at_log_step:
@@ -394,7 +422,7 @@ def main(argv=None):
                 break
         save()
         if is_main and (not args.sample_every or step % args.sample_every) and stop_reason == "max_steps":
-            save_samples(ema, diffusion, config, step, device)
+            save_samples(ema, diffusion, config, step, device, dataset)
         progress.close()
         if is_main:
             print(f"stopped at step {step} ({stop_reason}); checkpoint: {ckpt_path}", file=sys.stderr)

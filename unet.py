@@ -143,15 +143,17 @@ class EmbedSequential(nn.Sequential):
 
 class UNet(nn.Module):
     """x (B, in_channels, H, W), t (B,) int64 timesteps, y (B,) int64 labels iff num_classes is set (0 ...
-    num_classes - 1, or num_classes for "no class": the null label of classifier-free guidance) ->
-    (B, 2*in_channels, H, W) = [eps, v] if learn_sigma else eps (B, in_channels, H, W).
+    num_classes - 1, or num_classes for "no class": the null label of classifier-free guidance), low_res
+    (B, cond_channels, H, W) iff cond_channels > 0 (super-resolution: the low-resolution image, upsampled to H x W)
+    -> (B, 2*in_channels, H, W) = [eps, v] if learn_sigma else eps (B, in_channels, H, W).
     attention_resolutions are feature-map sizes in pixels (16: where the map is 16x16 when the input is
     image_size x image_size); image_size matters only for that."""
 
     def __init__(self, image_size=64, in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                 attention_resolutions=(16, 8), num_heads=4, dropout=0.1, learn_sigma=True, num_classes=None):
+                 attention_resolutions=(16, 8), num_heads=4, dropout=0.1, learn_sigma=True, num_classes=None,
+                 cond_channels=0):
         super().__init__()
-        self.num_classes = num_classes
+        self.in_channels, self.num_classes, self.cond_channels = in_channels, num_classes, cond_channels
         emb_channels = 4 * base_channels
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
@@ -159,7 +161,8 @@ class UNet(nn.Module):
         self.label_embed = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
 
         # encoder: per level, num_res_blocks ResBlocks, then halve the resolution (except at the last level)
-        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        # super-resolution: the condition enters as extra input channels beside x_t (the reference code's upsampler)
+        self.input_conv = nn.Conv2d(in_channels + cond_channels, base_channels, 3, padding=1)
         skip_channels = [base_channels]  # channels of every skip the encoder pushes, for the decoder to pop
         ch, resolution = base_channels, image_size
         encoder = []
@@ -198,14 +201,17 @@ class UNet(nn.Module):
         out_channels = 2 * in_channels if learn_sigma else in_channels
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, low_res=None):
         assert (y is not None) == (self.num_classes is not None), "pass y exactly when the model is class-conditional"
+        assert (low_res is not None) == (self.cond_channels > 0), "pass low_res exactly when cond_channels > 0"
         # the embedding is computed once here and shared by every ResBlock
         emb = self.time_embed(timestep_embedding(t, self.input_conv.out_channels))  # (B, 4*base)
         if y is not None:
             emb = emb + self.label_embed(y)
         emb = F.silu(emb)  # every ResBlock's emb_proj starts with this SiLU in the paper's code; do it once
 
+        if low_res is not None:
+            x = torch.cat([x, low_res], dim=1)  # (B, in_channels + cond_channels, H, W): x_t and its condition
         h = self.input_conv(x)  # (B, base, H, W)
         skips = [h]
         for block in self.encoder:

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
@@ -84,6 +85,20 @@ def image_grid(x, nrow=None):
     pixels = to_uint8(x).permute(0, 3, 1, 2)  # (B, C, H, W) uint8, rounded as the PNGs of sample.py are
     grid = torchvision.utils.make_grid(pixels, nrow=nrow, padding=2, pad_value=255)  # (C, H', W')
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def downsample(x, size):
+    """(B, C, H, W) in [-1, 1] -> (B, C, size, size) in [-1, 1], each pixel the mean of the pixels it covers (a box
+    filter: it antialiases), then rounded to 8 bits: the low-resolution input of a super-resolution model, made at
+    training time as sample.py --low_res reads it from PNG files."""
+    x = F.interpolate(x, size=(size, size), mode="area")
+    return ((x + 1) * 127.5).round() / 127.5 - 1
+
+
+def upsample(x, size):
+    """(B, C, h, w) -> (B, C, size, size), bilinear: how a super-resolution model sees its low-resolution input,
+    at the output's size, so that it can be concatenated to x_t as extra channels (as the reference code does)."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +257,8 @@ def build_model_and_diffusion(config):
                  channel_mult=tuple(config["channel_mult"]), num_res_blocks=config["num_res_blocks"],
                  attention_resolutions=tuple(config["attention_resolutions"]), num_heads=config["num_heads"],
                  dropout=config["dropout"], learn_sigma=config["learn_sigma"],
-                 num_classes=len(classes) if classes else None)
+                 num_classes=len(classes) if classes else None,
+                 cond_channels=3 if config.get("super_res_from") else 0)  # super-resolution: the low-res RGB image
     diffusion = GaussianDiffusion(num_timesteps=config["num_timesteps"], noise_schedule=config["noise_schedule"],
                                   learn_sigma=config["learn_sigma"], loss_type=config["loss_type"],
                                   importance_sampling=config["importance_sampling"])
