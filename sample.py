@@ -41,7 +41,7 @@ def parse_args(argv=None):
                    "(None: all the model's classes in turn). OUT/labels.txt then says each image's class")
     p.add_argument("--low_res", default=None, metavar="DIR",
                    help="super-resolution models (train.py --super_res_from S): enlarge DIR's S x S images 1.png ... "
-                   "N.png; image n of the output is 1.png ... N.png's n.png made large")
+                   "N.png, one output per input: OUT/n.png enlarges DIR/n.png")
     p.add_argument("--npz", default=None, metavar="FILE",
                    help="also write all N images as one uint8 array (N, H, W, 3) to FILE, under the key arr_0")
     return p.parse_args(argv)
