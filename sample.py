@@ -58,9 +58,20 @@ def save_png(pixels, path):
     os.replace(path + ".tmp", path)
 
 
-def open_low_res(folder, size):
-    """folder's images 1.png ... N.png, checked to be size x size, as a util.NumberedImages: item n - 1 is n.png as a
-    (3, size, size) tensor in [-1, 1]. Exits with one line naming the first bad file and what to do."""
+def open_low_res(args, config):
+    """The inputs of a super-resolution model: --low_res's images 1.png ... N.png, checked to be S x S, as a
+    util.NumberedImages (item n - 1 is n.png as a (3, S, S) tensor in [-1, 1]); None for other models. Exits with
+    one line when --low_res and the model do not go together, or naming the first bad file and what to do."""
+    folder, size = args.low_res, config.get("super_res_from")
+    if size and not folder:
+        raise SystemExit(f"error: {args.checkpoint} is a super-resolution model ({size}x{size} -> "
+                         f"{config['image_size']}x{config['image_size']}): pass --low_res DIR, a folder of "
+                         f"{size}x{size} images 1.png ... N.png")
+    if folder and not size:
+        raise SystemExit(f"error: --low_res needs a super-resolution model; {args.checkpoint} was trained without "
+                         f"--super_res_from")
+    if not folder:
+        return None
     try:
         images = util.NumberedImages(folder, size)
     except FileNotFoundError as error:
@@ -101,15 +112,7 @@ def main(argv=None):
     args = parse_args(argv)
     model, diffusion, config, step, device, amp_dtype = util.load_for_sampling(args)
     steps = args.steps or diffusion.num_timesteps
-    low_res_size = config.get("super_res_from")
-    if low_res_size and not args.low_res:
-        raise SystemExit(f"error: {args.checkpoint} is a super-resolution model ({low_res_size}x{low_res_size} -> "
-                         f"{config['image_size']}x{config['image_size']}): pass --low_res DIR, a folder of "
-                         f"{low_res_size}x{low_res_size} images 1.png ... N.png")
-    if args.low_res and not low_res_size:
-        raise SystemExit(f"error: --low_res needs a super-resolution model; {args.checkpoint} was trained without "
-                         f"--super_res_from")
-    low_res_images = open_low_res(args.low_res, low_res_size) if args.low_res else None
+    low_res_images = open_low_res(args, config)  # None unless the model is a super-resolution one
     num_inputs = len(low_res_images.paths) if args.low_res else None
     args.num = args.num or num_inputs or 64
     if args.low_res and args.num > num_inputs:
