@@ -253,6 +253,9 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
+    if not 0 <= args.dropout < 1:
+        raise SystemExit(f"error: --dropout {args.dropout} must be at least 0 and below 1: it is the probability of "
+                         "zeroing each activation in a residual block (0.1 by default)")
     if args.super_res_from is not None and not 1 <= args.super_res_from < args.image_size:
         raise SystemExit(f"error: --super_res_from {args.super_res_from} must be between 1 and --image_size - 1 = "
                          f"{args.image_size - 1}: the model makes {args.image_size}px images from smaller ones")

@@ -50,6 +50,23 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout, with a cheaper mask on the CPU. The CPU's random generator is serial and costs ~8 ns a number, so
+    dropout's mask alone was 5% of a CPU training step; one 64-bit draw cut into four 16-bit integers costs a quarter
+    of that. Zeroes each element with probability p (rounded to a multiple of 1/65536) and scales the rest by
+    1/(1-p), as nn.Dropout does; on GPUs, nn.Dropout's own fused kernel is faster and runs instead."""
+
+    def forward(self, x):
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu":
+            return super().forward(x)
+        n = x.numel()
+        # from -2**63: all 64 bits uniform (plain random_() keeps int64's sign bit 0, and one 16-bit lane in four >= 0)
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
+        bits = bits.view(torch.int16)[:n].view(x.shape)  # n integers uniform on [-32768, 32767]
+        keep = bits >= round(self.p * 65536) - 32768  # True with probability 1 - p
+        return x * keep * (1 / (1 - self.p))
+
+
 class ResBlock(nn.Module):
     """Two 3x3 convs; the timestep enters between them as GroupNorm(h)*(1+scale)+shift (Improved DDPM App. A)."""
 
@@ -59,7 +76,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels)  # one scale and one shift per channel
         self.norm2 = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         # a 1x1 conv matches the channels of the skip path when the block changes them
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)

@@ -296,3 +296,9 @@ def test_train_sh_shows_a_failed_start_and_exits_nonzero(tmp_path):
     assert result.returncode == 1
     assert f"data folder '{tmp_path / 'nowhere'}' does not exist" in result.stderr
     assert not (out / "train.pid").exists()
+
+
+def test_dropout_outside_zero_to_one_is_refused(tmp_path):
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit, match=f"--dropout {float(bad)} must be at least 0 and below 1"):
+            train.main(["--dropout", bad, "--out_dir", str(tmp_path / "run")])

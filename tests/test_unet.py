@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from unet import Attention, ResBlock, UNet, timestep_embedding
+from unet import Attention, Dropout, ResBlock, UNet, timestep_embedding
 
 # small enough that the whole file runs in seconds on 2 CPU cores
 SMALL = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,), dropout=0.0)
@@ -164,3 +164,31 @@ def test_compiles_without_graph_breaks():
     model = UNet(image_size=16, num_classes=10, **SMALL)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([3, 4]))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_keeps_each_element_independently_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    x = torch.ones(64, 64, 32, 32, requires_grad=True)  # 4M elements: a kept fraction to +-0.0008 (5 sd)
+    y = Dropout(p)(x)
+    kept = y != 0
+    assert torch.all(y[kept] == 1 / (1 - p))  # survivors scaled so that E[y] = x
+    sd = math.sqrt(p * (1 - p) / kept.numel())
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sd
+    # each 16-bit lane of the 64-bit random draws (an int64 sign bit that is never set would keep all of lane 3),
+    # and neighbours independent: P(both kept) = (1 - p)^2
+    lanes = kept.flatten().view(-1, 4).float()  # (N/4, 4)
+    assert torch.allclose(lanes.mean(0), torch.full((4,), 1 - p), atol=10 * sd)
+    assert abs((lanes[:, 0] * lanes[:, 1]).mean().item() - (1 - p) ** 2) < 10 * sd
+    y.sum().backward()  # the gradient passes through the kept elements only, with the same scale
+    assert torch.equal(x.grad, kept.float() / (1 - p))
+
+
+def test_dropout_is_seeded_and_off_in_eval_mode():
+    dropout, x = Dropout(0.1), torch.randn(8, 16, 8, 8)
+    torch.manual_seed(1)
+    first = dropout(x)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x), first)  # the global seed decides the mask: runs are reproducible
+    assert not torch.equal(dropout(x), first)
+    assert dropout.eval()(x) is x
