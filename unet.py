@@ -54,10 +54,11 @@ class Dropout(nn.Dropout):
     """nn.Dropout, with a cheaper mask on the CPU. The CPU's random generator is serial and costs ~8 ns a number, so
     dropout's mask alone was 5% of a CPU training step; one 64-bit draw cut into four 16-bit integers costs a quarter
     of that. Zeroes each element with probability p (rounded to a multiple of 1/65536) and scales the rest by
-    1/(1-p), as nn.Dropout does; on GPUs, nn.Dropout's own fused kernel is faster and runs instead."""
+    1/(1-p), as nn.Dropout does. On GPUs nn.Dropout's own fused kernel runs instead, and so it does under
+    torch.compile, which makes its own random numbers (and cannot trace random_)."""
 
     def forward(self, x):
-        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu":
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
         n = x.numel()
         # from -2**63: all 64 bits uniform (plain random_() keeps int64's sign bit 0, and one 16-bit lane in four >= 0)
