@@ -11,6 +11,10 @@ with AVX-512 BF16 or AMX and on GPUs from Ampere on; fp16 with a gradient scaler
     train img/s   forward + backward + AdamW + EMA: train.training_step, exactly the step train.py runs
     MFU           model FLOP utilisation: FLOPs per image (FlopCounterMode) x img/s / the matmul peak of the
                   device at that precision, measured in the same run
+    conv MFU      the same for the convolutions alone (forward and backward, timed by torch.profiler): what the
+                  device's convolution kernels reach at these shapes, and roughly the most the step's MFU can be
+    conv share    the part of the step's time spent in convolutions; the rest is normalisation, activations,
+                  attention, the loss and the optimiser
     peak GiB      CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory (VmHWM, reset
                   before each row)
     sample img/s  one denoising step of the model in eval mode, at a batch of 16 (a grid)
@@ -30,6 +34,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+# the profiler's C++ log: without this, a CUDA build on a machine without a GPU prints "ERROR ... gpuGetDeviceCount"
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -170,10 +176,34 @@ def bench_training(config_name, args, model, ema, diffusion, optimizer, device, 
         train.training_step(model, model, ema, diffusion, optimizer, scaler, x0, 1000, args, amp_dtype)
     flops_per_image = counter.get_total_flops() / args.batch_size
     images_per_s = args.batch_size / seconds
-    return dict(config=config_name, precision=precision, mode="compiled" if compiled else "eager",
-                batch=args.batch_size, train_img_s=images_per_s, gflop_per_img=flops_per_image / 1e9,
-                mfu=flops_per_image * images_per_s / peaks[precision], peak_gib=memory,
-                compile_s=compile_seconds)
+    row = dict(config=config_name, precision=precision, mode="compiled" if compiled else "eager",
+               batch=args.batch_size, train_img_s=images_per_s, gflop_per_img=flops_per_image / 1e9,
+               mfu=flops_per_image * images_per_s / peaks[precision], peak_gib=memory, compile_s=compile_seconds)
+    if not compiled:  # compiled code does not show its convolutions to the profiler as aten::convolution
+        conv_flops = sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
+        conv_seconds, step_seconds = convolution_seconds(step, device)
+        row.update(conv_share=conv_seconds / step_seconds, conv_mfu=conv_flops / conv_seconds / peaks[precision])
+    return row
+
+
+def convolution_seconds(step, device):
+    """(seconds in convolutions, forward and backward, seconds in all) of one profiled call of step. The
+    convolutions are most of a training step's FLOPs, so their own FLOP/s bound the step's MFU: the rest of the
+    step can only lower it."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    conv_us = 0
+    for event in profile.key_averages():  # aten::convolution holds the forward kernels it calls
+        if event.key in ("aten::convolution", "aten::convolution_backward"):
+            conv_us += event.device_time_total if device.type == "cuda" else event.cpu_time_total
+    return conv_us / 1e6, seconds
 
 
 def bench_sampling(args, ema, diffusion, device, amp_dtype, repeats):
@@ -243,7 +273,8 @@ def machine(device):
 
 def print_table(rows):
     columns = [("config", "{}"), ("precision", "{}"), ("mode", "{}"), ("batch", "{}"), ("train_img_s", "{:.1f}"),
-               ("gflop_per_img", "{:.2f}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.2f}"), ("compile_s", "{:.0f}"),
+               ("gflop_per_img", "{:.2f}"), ("mfu", "{:.1%}"), ("conv_mfu", "{:.1%}"),
+               ("conv_share", "{:.0%}"), ("peak_gib", "{:.2f}"), ("compile_s", "{:.0f}"),
                ("sample_img_s", "{:.1f}"), ("grid50_s", "{:.1f}"), ("grid1000_s", "{:.0f}")]
     cells = [[name for name, _ in columns]]
     for row in rows:
