@@ -207,6 +207,7 @@ def convolution_seconds(step, device):
 
 
 def bench_sampling(args, ema, diffusion, device, amp_dtype, repeats):
+    ema = copy.deepcopy(ema).to(memory_format=torch.channels_last)  # as util.load_model gives it to eval.py
     noise = torch.randn(GRID, 3, args.image_size, args.image_size, device=device)
 
     def grid(steps):

@@ -119,6 +119,17 @@ def test_sample_refuses_a_folder_of_another_run(run_dir, tmp_path):
 # eval.py
 
 
+def test_load_model_gives_the_ema_weights_channels_last_with_the_same_outputs(run_dir):
+    path = run_dir / "trained" / "ckpt.pt"
+    model, _, config, _ = util.load_model(path)
+    assert model.input_conv.weight.is_contiguous(memory_format=torch.channels_last)  # NHWC: faster sampling
+    reference, _ = util.build_model_and_diffusion(config)  # NCHW, with the file's EMA weights put in by hand
+    reference.load_state_dict(util.load_checkpoint(path)["ema"])
+    x, t = torch.randn(2, 3, SIZE, SIZE), torch.tensor([10, 40])
+    with torch.no_grad():
+        assert torch.allclose(model(x, t), reference.eval()(x, t), atol=1e-5)
+
+
 def test_eval_writes_every_picture_with_the_right_sizes(run_dir, tmp_path):
     out = tmp_path / "eval"
     evaluate.main([str(run_dir / "trained" / "ckpt.pt"), "--out", str(out)])
