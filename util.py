@@ -328,7 +328,7 @@ def load_model(path, device="cpu", use_ema=True):
             f"was changed after training, or comes from another version of this project")
     model.load_state_dict(weights)
     # NHWC: on a GPU the convs run on tensor cores without layout transposes; on the CPU oneDNN's forward convs are
-    # faster in NHWC too (a sampling step 1.15-1.25x, tests/bench.py), though training there gains nothing from it
+    # faster in NHWC too (a sampling step 1.15-1.25x on 2 AVX2 cores), though training there gains nothing from it
     model.to(device, memory_format=torch.channels_last).eval()
     return model, diffusion.to(device), config, checkpoint["step"]
 

@@ -188,8 +188,8 @@ def bench_training(config_name, args, model, ema, diffusion, optimizer, device, 
 
 def convolution_seconds(step, device):
     """(seconds in convolutions, forward and backward, seconds in all) of one profiled call of step. The
-    convolutions are most of a training step's FLOPs, so their own FLOP/s bound the step's MFU: the rest of the
-    step can only lower it."""
+    convolutions are most of a training step's FLOPs, so their own FLOP/s roughly bound the step's MFU: the rest
+    of the step (attention aside, all of it slower per FLOP) can only lower it."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
