@@ -59,6 +59,10 @@ def parse_args(argv=None):
     g.add_argument("--attention_resolutions", type=int_list, default=(8,),
                    help="feature-map sizes with self-attention, e.g. 16,8")
     g.add_argument("--num_heads", type=int, default=4, help="attention heads")
+    g.add_argument("--min_group_channels", type=int, default=4,
+                   help="GroupNorm: DDPM's 32 groups, halved until each holds at least this many channels. Groups of "
+                   "one channel (1 = DDPM's rule, which gives those at 32 channels) erase the image's colour; the "
+                   "paper's models (128+ channels) are the same with 1 or 4")
     g.add_argument("--dropout", type=float, default=0.1,
                    help="dropout in residual blocks (0.1-0.3 helps small data sets)")
     g = p.add_argument_group("diffusion (diffusion.py)")
@@ -110,7 +114,7 @@ STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on stopping, under 
 # The checkpoint must match the model and process these flags build; the others may change between resumes.
 ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                 "num_timesteps", "noise_schedule", "learn_sigma", "loss_type", "importance_sampling", "class_cond",
-                "classes", "super_res_from")
+                "classes", "super_res_from", "min_group_channels")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,8 +288,9 @@ def main(argv=None):
             checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
         except ValueError as error:
             raise SystemExit(f"error: {error}; move it away to start a new run in {args.out_dir}") from None
-        # older checkpoints: no classes, no super-resolution
-        trained = {"class_cond": False, "classes": None, "super_res_from": None, **checkpoint["config"]}
+        # older checkpoints: no classes, no super-resolution, DDPM's GroupNorm rule
+        trained = {"class_cond": False, "classes": None, "super_res_from": None, "min_group_channels": 1,
+                   **checkpoint["config"]}
         changed = [f"--{k} {trained.get(k)} (now {config[k]})" for k in ARCHITECTURE
                    if trained.get(k) != config[k] and str(trained.get(k)) != str(config[k])]
         if changed:

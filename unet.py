@@ -29,9 +29,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def group_norm(channels):
-    # 32 groups as in DDPM; fewer when the channel count is small, so that the groups divide it
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+def group_norm(channels, min_group_channels=4):
+    """GroupNorm with DDPM's 32 groups, halved until each group holds at least min_group_channels channels.
+    Why a minimum: a group of one channel is instance normalisation, which removes every feature map's mean over the
+    image, and after the first conv that mean is the image's global colour (style transfer uses instance norm to
+    erase exactly that). DDPM's rule, math.gcd(32, channels), gives groups of one at the CPU demo's 32 channels, and
+    its samples come out in colours no training image has. The paper's models (128 channels and up) have at least 4
+    channels a group, so 4 keeps them exactly as they were; min_group_channels=1 is DDPM's rule."""
+    groups = math.gcd(32, channels)  # a power of two that divides channels, so every halving divides it too
+    while groups > 1 and channels // groups < min_group_channels:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 def zero_init(module):
@@ -71,12 +79,12 @@ class Dropout(nn.Dropout):
 class ResBlock(nn.Module):
     """Two 3x3 convs; the timestep enters between them as GroupNorm(h)*(1+scale)+shift (Improved DDPM App. A)."""
 
-    def __init__(self, in_channels, out_channels, emb_channels, dropout):
+    def __init__(self, in_channels, out_channels, emb_channels, dropout, min_group_channels=4):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, min_group_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels)  # one scale and one shift per channel
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, min_group_channels)
         self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         # a 1x1 conv matches the channels of the skip path when the block changes them
@@ -96,10 +104,10 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over all H*W positions, so distant pixels can talk (DDPM App. B)."""
 
-    def __init__(self, channels, num_heads):
+    def __init__(self, channels, num_heads, min_group_channels=4):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, min_group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)  # a 1x1 conv is a per-position linear layer
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -165,11 +173,11 @@ class UNet(nn.Module):
     (B, cond_channels, H, W) iff cond_channels > 0 (super-resolution: the low-resolution image, upsampled to H x W)
     -> (B, 2*in_channels, H, W) = [eps, v] if learn_sigma else eps (B, in_channels, H, W).
     attention_resolutions are feature-map sizes in pixels (16: where the map is 16x16 when the input is
-    image_size x image_size); image_size matters only for that."""
+    image_size x image_size); image_size matters only for that. min_group_channels: see group_norm."""
 
     def __init__(self, image_size=64, in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                  attention_resolutions=(16, 8), num_heads=4, dropout=0.1, learn_sigma=True, num_classes=None,
-                 cond_channels=0):
+                 cond_channels=0, min_group_channels=4):
         super().__init__()
         self.in_channels, self.num_classes, self.cond_channels = in_channels, num_classes, cond_channels
         emb_channels = 4 * base_channels
@@ -186,10 +194,10 @@ class UNet(nn.Module):
         encoder = []
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers = [ResBlock(ch, base_channels * mult, emb_channels, dropout)]
+                layers = [ResBlock(ch, base_channels * mult, emb_channels, dropout, min_group_channels)]
                 ch = base_channels * mult
                 if resolution in attention_resolutions:
-                    layers.append(Attention(ch, num_heads))
+                    layers.append(Attention(ch, num_heads, min_group_channels))
                 encoder.append(EmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -199,16 +207,18 @@ class UNet(nn.Module):
         self.encoder = nn.Sequential(*encoder)
 
         self.middle = EmbedSequential(
-            ResBlock(ch, ch, emb_channels, dropout), Attention(ch, num_heads), ResBlock(ch, ch, emb_channels, dropout))
+            ResBlock(ch, ch, emb_channels, dropout, min_group_channels), Attention(ch, num_heads, min_group_channels),
+            ResBlock(ch, ch, emb_channels, dropout, min_group_channels))
 
         # decoder: mirror image, with one extra ResBlock per level to consume the skip of the Downsample / input conv
         decoder = []
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_channels, dropout)]
+                layers = [ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_channels, dropout,
+                                   min_group_channels)]
                 ch = base_channels * mult
                 if resolution in attention_resolutions:
-                    layers.append(Attention(ch, num_heads))
+                    layers.append(Attention(ch, num_heads, min_group_channels))
                 if level != 0 and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     resolution *= 2
@@ -217,7 +227,7 @@ class UNet(nn.Module):
 
         # learn_sigma: the extra in_channels outputs are v, which interpolates the log-variance (eq. 15)
         out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch, min_group_channels), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def forward(self, x, t, y=None, low_res=None):
         assert (y is not None) == (self.num_classes is not None), "pass y exactly when the model is class-conditional"

@@ -258,7 +258,8 @@ def build_model_and_diffusion(config):
                  attention_resolutions=tuple(config["attention_resolutions"]), num_heads=config["num_heads"],
                  dropout=config["dropout"], learn_sigma=config["learn_sigma"],
                  num_classes=len(classes) if classes else None,
-                 cond_channels=3 if config.get("super_res_from") else 0)  # super-resolution: the low-res RGB image
+                 cond_channels=3 if config.get("super_res_from") else 0,  # super-resolution: the low-res RGB image
+                 min_group_channels=config.get("min_group_channels", 1))  # checkpoints from before it: DDPM's rule
     diffusion = GaussianDiffusion(num_timesteps=config["num_timesteps"], noise_schedule=config["noise_schedule"],
                                   learn_sigma=config["learn_sigma"], loss_type=config["loss_type"],
                                   importance_sampling=config["importance_sampling"])

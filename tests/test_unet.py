@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from unet import Attention, Dropout, ResBlock, UNet, timestep_embedding
+from unet import Attention, Dropout, ResBlock, UNet, group_norm, timestep_embedding
 
 # small enough that the whole file runs in seconds on 2 CPU cores
 SMALL = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,), dropout=0.0)
@@ -53,6 +53,31 @@ def test_default_config_matches_improved_ddpm_layout():
     assert len(model.encoder) == 4 * 2 + 3 and len(model.decoder) == 4 * 3
 
 
+def test_group_norm_keeps_ddpm_groups_for_the_paper_and_at_least_4_channels_a_group_below():
+    assert [group_norm(c).num_groups for c in (16, 32, 64, 96, 128, 256, 384, 896)] == [4, 8, 16, 16, 32, 32, 32, 32]
+    assert group_norm(6).num_groups == 1 and group_norm(2).num_groups == 1  # groups must divide the channels
+    assert [group_norm(c, 1).num_groups for c in (16, 32, 96, 128)] == [16, 32, 32, 32]  # DDPM's gcd(32, channels)
+    # the paper's 64x64 model (train.sh's recipe) is exactly what DDPM's rule builds: 32 groups in every GroupNorm
+    groups = [m.num_groups for m in UNet().modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(groups) == 2 * (8 + 2 + 12) + 11 + 1 and set(groups) == {32}
+
+
+@pytest.mark.parametrize("min_group_channels, tells_apart", [(4, True), (1, False)])
+def test_first_normalised_block_tells_apart_images_that_differ_only_in_colour(min_group_channels, tells_apart):
+    """A colour offset c added to every pixel adds input_conv's W c, a constant per channel, to its features away
+    from the border. Groups of one channel (instance norm) subtract each channel's mean and so erase it."""
+    torch.manual_seed(0)
+    model = UNet(image_size=32, **dict(SMALL, min_group_channels=min_group_channels))
+    x = torch.rand(1, 3, 32, 32) - 0.5
+    colour = torch.tensor([0.4, -0.1, -0.3]).view(1, 3, 1, 1)  # a shift towards red, as a tint would be
+    h = model.input_conv(x)  # (1, 32, 32, 32)
+    shift = (model.input_conv(x + colour) - h)[:, :, 16:17, 16:17]  # (1, 32, 1, 1): W c, read off an inner pixel
+    assert shift.abs().max() > 0.05
+    norm = model.encoder[0][0].norm1
+    difference = (norm(h + shift) - norm(h)).abs().max()
+    assert (difference > 0.1) if tells_apart else (difference < 1e-4)
+
+
 def test_timestep_embedding_closed_form():
     emb = timestep_embedding(torch.tensor([0, 7]), 8)  # frequencies 10000^(-i/4), i = 0..3
     assert torch.equal(emb[0], torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]))
@@ -92,8 +117,9 @@ def test_attention_matches_softmax_formula():
     block = perturbed(Attention(C, heads).double(), std=0.5)
     x = torch.randn(B, C, H, W, dtype=torch.float64)
 
-    # GroupNorm by hand: 32 groups of 1 channel, statistics over each group's positions
-    xs = x.reshape(B, 32, -1)
+    # GroupNorm by hand: 8 groups of 4 channels, statistics over each group's channels and positions
+    assert block.norm.num_groups == 8
+    xs = x.reshape(B, 8, -1)
     xn = ((xs - xs.mean(-1, keepdim=True)) / torch.sqrt(xs.var(-1, unbiased=False, keepdim=True) + 1e-5))
     xn = xn.reshape(B, C, H * W) * block.norm.weight[:, None] + block.norm.bias[:, None]
     qkv = torch.einsum("oc,bcl->bol", block.qkv.weight[:, :, 0, 0], xn) + block.qkv.bias[:, None]  # (B, 3C, L)
