@@ -249,20 +249,22 @@ class GaussianDiffusion(nn.Module):
     @torch.no_grad()
     def update_loss_history(self, t, losses):
         """Record per-example losses of a batch. Under torch.distributed every rank records all ranks' losses,
-        so every rank keeps the same history and draws t from the same distribution."""
+        so every rank keeps the same history and draws t from the same distribution. A loss that is not finite (an
+        fp16 overflow, say) is left out: one would make p_t NaN for the rest of the run."""
         t, losses = t.to(self.loss_history.device), losses.detach().to(self.loss_history)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             t, losses = all_gather_cat(t), all_gather_cat(losses)
-        # Each example goes to slot (count_t + k) % 10 of its t's ring buffer, k = how many earlier examples of
-        # the batch had the same t. If a t appears more than 10 times, the latest example wins its slot.
-        same_t = t[:, None] == t[None, :]  # (B, B)
+        finite = torch.isfinite(losses)  # masked, not indexed: boolean indexing would wait for the GPU
+        # Each finite example goes to slot (count_t + k) % 10 of its t's ring buffer, k = how many earlier finite
+        # examples of the batch had the same t. If a t appears more than 10 times, the latest example wins its slot.
+        same_t = (t[:, None] == t[None, :]) & finite[None, :]  # (B, B): row i, the finite examples with i's t
         k = same_t.tril(diagonal=-1).sum(dim=1)
         slot = t * HISTORY_PER_TERM + (self.loss_counts[t] + k) % HISTORY_PER_TERM
-        order = torch.arange(len(t), device=t.device)
+        order = torch.where(finite, torch.arange(len(t), device=t.device), -1)  # -1: wins no slot
         latest = torch.full((self.loss_history.numel(),), -1, device=t.device).scatter_reduce(0, slot, order, "amax")
         history = self.loss_history.view(-1)
         history.copy_(torch.where(latest >= 0, losses[latest.clamp(min=0)], history))
-        self.loss_counts += torch.bincount(t, minlength=self.num_timesteps)
+        self.loss_counts.index_add_(0, t, finite.long())
 
     # -- sampling --------------------------------------------------------------------------------------------
 

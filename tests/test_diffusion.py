@@ -596,6 +596,23 @@ def test_importance_sampling_second_moment():
     np.testing.assert_allclose(npy(w), 1 / (T * p[t.numpy()]), rtol=1e-4)
 
 
+def test_nonfinite_losses_never_enter_the_history():
+    """An fp16 overflow gives inf or NaN losses; recorded, they would make p_t NaN for the rest of the run."""
+    T = 4
+    d = GaussianDiffusion(T, "cosine", importance_sampling=True)
+    d.update_loss_history(torch.tensor([0, 1, 1, 2, 1]), torch.tensor([1.0, float("inf"), 2.0, float("nan"), 3.0]))
+    assert d.loss_counts.tolist() == [1, 2, 0, 0]  # t = 1: the inf left out, 2.0 and 3.0 in slots 0 and 1
+    assert d.loss_history[1, :3].tolist() == [2.0, 3.0, 0.0] and d.loss_history[0, 0] == 1.0
+    assert torch.isfinite(d.loss_history).all()
+    for _ in range(10):  # warm every t up with finite losses between non-finite ones
+        d.update_loss_history(torch.arange(T), torch.tensor([1.0, 1.0, 1.0, 2.0]))
+        d.update_loss_history(torch.arange(T), torch.full((T,), float("nan")))
+    assert d.loss_counts.tolist() == [11, 12, 10, 10]
+    p = 0.999 * np.array([1, 1, 1, 2]) / 5 + 0.001 / T  # only the finite losses count
+    t, w = d.sample_timesteps(1000, "cpu")
+    np.testing.assert_allclose(npy(w), 1 / (T * p[t.numpy()]), rtol=1e-4)
+
+
 def test_loss_history_travels_in_state_dict():
     """The loss history is a buffer: a fresh GaussianDiffusion loaded from state_dict samples the same p_t."""
     T = 20
