@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def group_norm(channels, min_group_channels=4):
@@ -156,11 +157,18 @@ class Upsample(nn.Module):
 
 
 class EmbedSequential(nn.Sequential):
-    """One encoder/decoder entry, e.g. ResBlock + Attention; only the ResBlocks need the embedding."""
+    """One encoder/decoder entry, e.g. ResBlock + Attention; only the ResBlocks need the embedding.
+    checkpointing: keep only each ResBlock's and Attention's input for the backward and run the block again there
+    (activation checkpointing: less memory for about a third more compute). checkpoint() restores the random state
+    before running a block again, so dropout draws the same mask in both passes."""
 
-    def forward(self, h, emb):
+    def forward(self, h, emb, checkpointing=False):
         for layer in self:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            inputs = (h, emb) if isinstance(layer, ResBlock) else (h,)
+            if checkpointing and isinstance(layer, (ResBlock, Attention)):
+                h = torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
+            else:
+                h = layer(*inputs)
         return h
 
     def __repr__(self):
@@ -173,13 +181,15 @@ class UNet(nn.Module):
     (B, cond_channels, H, W) iff cond_channels > 0 (super-resolution: the low-resolution image, upsampled to H x W)
     -> (B, 2*in_channels, H, W) = [eps, v] if learn_sigma else eps (B, in_channels, H, W).
     attention_resolutions are feature-map sizes in pixels (16: where the map is 16x16 when the input is
-    image_size x image_size); image_size matters only for that. min_group_channels: see group_norm."""
+    image_size x image_size); image_size matters only for that. min_group_channels: see group_norm;
+    checkpointing: see EmbedSequential."""
 
     def __init__(self, image_size=64, in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                  attention_resolutions=(16, 8), num_heads=4, dropout=0.1, learn_sigma=True, num_classes=None,
-                 cond_channels=0, min_group_channels=4):
+                 cond_channels=0, min_group_channels=4, checkpointing=False):
         super().__init__()
         self.in_channels, self.num_classes, self.cond_channels = in_channels, num_classes, cond_channels
+        self.checkpointing = checkpointing  # a memory/compute trade of training only: see EmbedSequential
         emb_channels = 4 * base_channels
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
@@ -240,12 +250,13 @@ class UNet(nn.Module):
 
         if low_res is not None:
             x = torch.cat([x, low_res], dim=1)  # (B, in_channels + cond_channels, H, W): x_t and its condition
+        checkpointing = self.checkpointing and torch.is_grad_enabled()  # sampling keeps nothing for a backward
         h = self.input_conv(x)  # (B, base, H, W)
         skips = [h]
         for block in self.encoder:
-            h = block(h, emb)
+            h = block(h, emb, checkpointing)
             skips.append(h)
-        h = self.middle(h, emb)  # (B, base*channel_mult[-1], H/2^(levels-1), W/2^(levels-1))
+        h = self.middle(h, emb, checkpointing)  # (B, base*channel_mult[-1], H/2^(levels-1), W/2^(levels-1))
         for block in self.decoder:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, checkpointing)
         return self.out(h)  # (B, out_channels, H, W)

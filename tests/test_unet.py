@@ -186,8 +186,10 @@ def test_channels_last_and_bf16_autocast_match_fp32():
     assert (out_bf16.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
-def test_compiles_without_graph_breaks():
-    model = UNet(image_size=16, num_classes=10, **{**SMALL, "dropout": 0.1})  # in training mode: dropout on
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiles_without_graph_breaks(checkpointing):
+    model = UNet(image_size=16, num_classes=10, **{**SMALL, "dropout": 0.1},  # in training mode: dropout on
+                 checkpointing=checkpointing)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([3, 4]))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
