@@ -259,7 +259,8 @@ def build_model_and_diffusion(config):
                  dropout=config["dropout"], learn_sigma=config["learn_sigma"],
                  num_classes=len(classes) if classes else None,
                  cond_channels=3 if config.get("super_res_from") else 0,  # super-resolution: the low-res RGB image
-                 min_group_channels=config.get("min_group_channels", 1))  # checkpoints from before it: DDPM's rule
+                 min_group_channels=config.get("min_group_channels", 1),  # checkpoints from before it: DDPM's rule
+                 checkpointing=config.get("checkpointing", False))
     diffusion = GaussianDiffusion(num_timesteps=config["num_timesteps"], noise_schedule=config["noise_schedule"],
                                   learn_sigma=config["learn_sigma"], loss_type=config["loss_type"],
                                   importance_sampling=config["importance_sampling"])
@@ -405,7 +406,7 @@ def native_bf16(device):
 def autocast_dtype(device, precision):
     """The dtype for torch.autocast, or None for plain fp32. precision is 'auto', 'fp32', 'bf16' or 'fp16'.
     'auto' picks bf16 where the device has it natively (see native_bf16), else fp16 on a GPU (the caller then
-    needs a GradScaler), else fp32. Asking for bf16 where it is emulated prints a warning."""
+    needs a GradScaler), else fp32. Asking for bf16 where it is emulated, or for fp16 on the CPU, prints a note."""
     device = torch.device(device)
     if precision == "fp32":
         return None
@@ -417,7 +418,9 @@ def autocast_dtype(device, precision):
         return torch.bfloat16
     if precision == "fp16":
         if device.type == "cpu":
-            raise ValueError("precision 'fp16' is not supported on the CPU; use 'bf16' or 'fp32' there")
+            print("note: fp16 on the CPU is meant to rehearse what a GPU without bf16 runs (fp16 autocast, and a "
+                  "gradient scaler in training): a few steps, not a run; the CPU's fp16 convolution backward has no "
+                  "fast kernel, so a training step is some 100x slower than in fp32", file=sys.stderr)
         return torch.float16
     if precision == "auto":
         if native_bf16(device):
