@@ -10,6 +10,7 @@ loss.png and samples/STEP.png. A run resumes from OUT/ckpt.pt when it exists. SI
 Then look at the model with `python eval.py OUT/ckpt.pt`, or generate images with `python sample.py OUT/ckpt.pt`.
 """
 import argparse
+import contextlib
 import copy
 import csv
 import math
@@ -90,6 +91,14 @@ def parse_args(argv=None):
     g.add_argument("--max_minutes", type=float, default=0,
                    help="also stop after this many minutes of this run (0 = no limit): a rented-GPU budget")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and noise")
+    g = p.add_argument_group("memory: the same training in less GPU memory, for more compute (see the README's table)")
+    g.add_argument("--microbatch", type=int, default=None, metavar="M",
+                   help="run each step's --batch_size images in chunks of M, one after another, accumulating the "
+                   "gradients: the same step (t and the noise are drawn for the whole batch) with the activations "
+                   "of M images in memory at a time. M must divide --batch_size (None: the whole batch at once)")
+    g.add_argument("--checkpointing", action=on_off, default=False,
+                   help="activation checkpointing: keep only each residual and attention block's input for the "
+                   "backward, and run the block again there")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="runs/emoji",
                    help="checkpoint, logs and samples go here; resumes from OUT/ckpt.pt")
@@ -102,7 +111,12 @@ def parse_args(argv=None):
                    help="append to OUT/log.csv and redraw OUT/loss.png every N steps")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs with AVX-512 BF16 "
-                   "or AMX), else fp16 with a gradient scaler on a GPU, else fp32. bf16 elsewhere is emulated: slow")
+                   "or AMX), else fp16 with a gradient scaler on a GPU, else fp32. bf16 elsewhere is emulated: slow. "
+                   "fp16 on the CPU rehearses the GPU path, slowly")
+    g.add_argument("--max_skipped_steps", type=int, default=20,
+                   help="fp16: the gradient scaler skips a step whose loss or gradients are not finite and lowers its "
+                   "scale; this many skipped steps in a row stop the run, without saving. fp32 and bf16 have no "
+                   "scaler: there the first non-finite loss or gradient stops the run, without saving")
     g.add_argument("--compile", action=on_off, default=False,
                    help="torch.compile the model (faster on GPU after a minute of compiling)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
@@ -110,6 +124,8 @@ def parse_args(argv=None):
 
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on stopping, under torchrun
+# OUT/log.csv: averages over a log interval's steps whose loss and gradients were finite; skipped counts the others
+LOG_COLUMNS = ("step", "loss", "mse", "vb", "lr", "grad_norm", "images_per_s", "elapsed_s", "skipped", "loss_scale")
 
 # The checkpoint must match the model and process these flags build; the others may change between resumes.
 ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
@@ -135,6 +151,26 @@ class ShuffleForever(torch.utils.data.Sampler):
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from order[self.rank::self.world_size][:per_rank][offset:].tolist()
             epoch, offset = epoch + 1, 0
+
+
+def device_batches(dataset, args, device, step, rank, world_size):
+    """(x0, y) batches on the device, forever, in the order the seed sets, from where a run stopped at `step` was:
+    x0 (B, 3, H, W) in [-1, 1] (channels last on a GPU), y (B,) class labels, or None."""
+    sampler = ShuffleForever(len(dataset), args.seed, start=step * args.batch_size, rank=rank, world_size=world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0, drop_last=True)
+    batches = iter(loader)  # now, not at the first batch: it draws the workers' seed from the random stream
+
+    def on_device():
+        for batch in batches:
+            x0, y = batch if args.class_cond else (batch, None)
+            x0 = x0.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            yield x0, y if y is None else y.to(device, non_blocking=True)
+
+    return on_device()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,11 +215,11 @@ def plot_losses(log_path, png_path):
         return print("matplotlib is not installed, so no loss.png: pip install matplotlib", file=sys.stderr)
     with open(log_path) as f:
         rows = list(csv.DictReader(f))
-    steps = [int(row["step"]) for row in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("loss", "mse", "vb"):
-        if rows and rows[0][key] != "":
-            ax.plot(steps, [float(row[key]) for row in rows], label=key)
+        points = [(int(row["step"]), float(row[key])) for row in rows if row[key]]  # "": every step skipped, or no vb
+        if points:
+            ax.plot(*zip(*points), label=key)
     ax.set(xlabel="step", yscale="log", title="training loss (mean over each log interval)")
     ax.legend()
     fig.savefig(png_path + ".tmp.png", dpi=100)
@@ -204,31 +240,63 @@ def drop_labels(y, p, null_label):
 def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step, args, amp_dtype, y=None):
     """One AdamW step on the batch x0 (B, 3, H, W) (and its class labels y (B,), if class-conditional; the
     condition of a super-resolution model is made from x0 here), then the EMA update. train_model is model, or its
-    DDP or torch.compile wrapper. Returns the weighted mean loss, the per-example losses and the gradient norm, left
-    on the device: reading them would make the CPU wait for the GPU."""
-    t, weights = diffusion.sample_timesteps(x0.shape[0], x0.device)  # weights: importance sampling's 1 / (T p_t)
+    DDP or torch.compile wrapper. With --microbatch M the batch runs in chunks of M images whose gradients add up
+    to the whole batch's. Returns the weighted mean loss, the per-example losses, the gradient norm and whether the
+    loss and gradients were finite (under fp16, the scaler skipped the step if not), all left on the device: reading
+    them would make the CPU wait for the GPU."""
+    B = x0.shape[0]
+    # Everything random about the batch is drawn for all of it before it is split: chunks change memory, not results
+    t, weights = diffusion.sample_timesteps(B, x0.device)  # weights: importance sampling's 1 / (T p_t)
+    noise = torch.randn_like(x0)
     model_kwargs = {}
     if y is not None:
         model_kwargs["y"] = drop_labels(y, args.class_dropout, model.num_classes)
     if args.super_res_from:  # the condition: x0 shrunk to S x S and enlarged back, (B, 3, H, W)
         model_kwargs["low_res"] = util.upsample(util.downsample(x0, args.super_res_from), x0.shape[-1])
-    with util.autocast(x0.device, amp_dtype):
-        losses = diffusion.training_losses(train_model, x0, t, model_kwargs=model_kwargs)
-    loss = (losses["loss"] * weights).mean()
     for group in optimizer.param_groups:
         group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))  # linear warm-up
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # the scaler multiplies fp16 losses so small gradients do not flush to zero
+    chunk = args.microbatch or B
+    chunk_losses = []
+    for start in range(0, B, chunk):
+        part = slice(start, start + chunk)
+        is_last = start + chunk >= B
+        # DDP all-reduces the gradients in every backward; once, after the last chunk's, is enough
+        with train_model.no_sync() if hasattr(train_model, "no_sync") and not is_last else contextlib.nullcontext():
+            with util.autocast(x0.device, amp_dtype):
+                losses = diffusion.training_losses(train_model, x0[part], t[part], noise[part],
+                                                   {key: value[part] for key, value in model_kwargs.items()})
+            loss = (losses["loss"] * weights[part]).sum() / B  # the chunk's share of the batch's mean
+            # A non-finite loss must make the gradients non-finite, so that the scaler skips the step (and under DDP
+            # every rank sees it after the all-reduce): a constant NaN factor does that; an inf added would not
+            loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
+            scaler.scale(loss).backward()  # the scaler multiplies fp16 losses so small gradients do not flush to 0
+        chunk_losses.append(losses)
+    losses = {key: torch.cat([part[key] for part in chunk_losses]) for key in chunk_losses[0]}  # (B,) each
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    finite_step = torch.isfinite(grad_norm)  # what the scaler decides on: it skips a step with non-finite gradients
     scaler.step(optimizer)
-    scaler.update()
+    scaler.update()  # after a skipped step, halves the scale
     if diffusion.importance_sampling:
-        diffusion.update_loss_history(t, losses["loss"])
-    decay = min(args.ema_rate, (1 + step) / (10 + step))  # EMA warm-up: short runs still get a useful EMA
-    with torch.no_grad():  # ema = decay * ema + (1 - decay) * model, all tensors in one call, not one launch each
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-    return loss, losses, grad_norm
+        diffusion.update_loss_history(t, losses["loss"])  # every chunk's; non-finite losses are left out
+    update_ema(ema, model, step, args.ema_rate, finite_step if scaler.is_enabled() else None)
+    return (losses["loss"] * weights).mean(), losses, grad_norm, finite_step
+
+
+def update_ema(ema, model, step, rate, finite_step=None):
+    """ema = decay * ema + (1 - decay) * model, all tensors in one call each, not one launch per tensor. The decay
+    is warmed up as min(rate, (1 + step) / (10 + step)), so that short runs still get a useful EMA. finite_step
+    (fp16): a step the scaler skipped leaves the EMA as it is, decided on the device, not by an `if`."""
+    decay = min(rate, (1 + step) / (10 + step))
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    with torch.no_grad():
+        if finite_step is None:
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        else:
+            deltas = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(deltas, (1 - decay) * finite_step)  # 0 after a skipped step
+            torch._foreach_add_(ema_params, deltas)
 
 
 def build_optimizer(model, args):
@@ -237,26 +305,69 @@ def build_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    config = vars(args)
+class LogInterval:
+    """What a row of log.csv reports, summed on the device over the steps since the last row (reading the sums
+    every step would make the CPU wait for the GPU), and the watch for divergence: `limit` steps in a row whose loss
+    or gradients were not finite (fp16: skipped ones; fp32 and bf16: the first such step) stop the run."""
 
-    # -- processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE --------------------------------
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = util.pick_device(args.device)
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    is_main = rank == 0
-    util.seed_everything(args.seed + rank)
-    amp_dtype = util.autocast_dtype(device, args.precision)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere+: same results, faster
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    def __init__(self, device, step, limit):
+        # loss, mse, vb, grad norm and their count over the finite steps, and the count of the others
+        self.sums = torch.zeros(6, device=device)
+        self.not_finite = torch.tensor([0.0, 0, 0, 0, 0, 1], device=device)  # what a skipped step adds
+        self.in_a_row = torch.zeros((), device=device)
+        self.failed_at = torch.tensor(-1, device=device)  # the step at which in_a_row reached the limit
+        self.limit, self.first_step, self.start_time, self.has_vb = limit, step, time.time(), False
 
+    def add(self, step, loss, losses, grad_norm, finite_step):
+        self.has_vb = "vb" in losses
+        vb = losses["vb"].mean() if self.has_vb else torch.zeros_like(loss)
+        values = torch.stack([loss, losses["mse"].mean(), vb, grad_norm.float(), torch.ones_like(loss),
+                              torch.zeros_like(loss)]).detach()
+        self.sums += torch.where(finite_step, values, self.not_finite)  # a skipped step's NaN stays out of the row
+        self.in_a_row = (self.in_a_row + 1) * ~finite_step
+        self.failed_at = torch.where((self.failed_at < 0) & (self.in_a_row >= self.limit), step, self.failed_at)
+
+    def stop_if_diverged(self, scaler, ckpt_path):
+        """Exits with one line, before anything is saved, if the limit was reached."""
+        failed_at = int(self.failed_at.item())
+        if failed_at < 0:
+            return
+        if scaler.is_enabled():
+            raise SystemExit(
+                f"error: {self.limit} steps in a row up to step {failed_at} had a loss or gradients that were not "
+                f"finite and were skipped, with the fp16 loss scale down to {scaler.get_scale():g}; stopped without "
+                f"saving, the last good checkpoint is {ckpt_path}. Try a lower --lr, --precision bf16 (on GPUs from "
+                f"Ampere on) or fp32, or a larger --max_skipped_steps")
+        raise SystemExit(f"error: the loss or gradients became non-finite at step {failed_at}; stopped without "
+                         f"saving, the last good checkpoint is {ckpt_path}. Try a lower --lr, or --precision fp32")
+
+    def row(self, step, lr, images_per_step, run_start_time, scaler):
+        """The log.csv row of the steps since the last one, as text by column (averages over the finite steps),
+        then a new interval. Costs one wait for the device."""
+        now = time.time()
+        loss, mse, vb, grad_norm, count, skipped = self.sums.tolist()
+        self.sums.zero_()
+        images_per_s = (step - self.first_step) * images_per_step / (now - self.start_time)
+        self.first_step = step
+        averages = ["", "", "", ""]  # every step of the interval skipped: nothing to average
+        if count:
+            averages = [f"{loss / count:.6f}", f"{mse / count:.6f}", f"{vb / count:.5f}" if self.has_vb else "",
+                        f"{grad_norm / count:.4f}"]
+        scale = f"{scaler.get_scale():g}" if scaler.is_enabled() else ""
+        values = [str(step), *averages[:3], f"{lr:.3g}", averages[3], f"{images_per_s:.1f}",
+                  f"{now - run_start_time:.1f}", str(int(skipped)), scale]
+        return dict(zip(LOG_COLUMNS, values))
+
+    def restart_clock(self):
+        self.start_time = time.time()  # images/s counts training only, not the plotting, sampling and saving
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run: processes and devices; model, optimiser and resume; the loop
+
+
+def check_flags(args):
+    """One line for a flag that cannot work, before anything is built."""
     if not 0 <= args.dropout < 1:
         raise SystemExit(f"error: --dropout {args.dropout} must be at least 0 and below 1: it is the probability of "
                          "zeroing each activation in a residual block (0.1 by default)")
@@ -265,13 +376,33 @@ def main(argv=None):
                          f"{args.image_size - 1}: the model makes {args.image_size}px images from smaller ones")
     if args.super_res_from and args.class_cond:
         raise SystemExit("error: --super_res_from and --class_cond together are not supported; train one of the two")
-    try:  # check the data first: a bad folder stops the run at once, with one line saying what to do
-        dataset = util.NumberedImages(args.data_dir, args.image_size, labels=args.class_cond)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    config["classes"] = dataset.classes  # None, or the class names: the checkpoint says what each label means
+    if args.microbatch is not None and not (args.microbatch >= 1 and args.batch_size % args.microbatch == 0):
+        raise SystemExit(f"error: --microbatch {args.microbatch} must divide --batch_size {args.batch_size}: each "
+                         f"step runs the batch in chunks of that many images")
+    if args.max_skipped_steps < 1:
+        raise SystemExit(f"error: --max_skipped_steps {args.max_skipped_steps} must be at least 1")
 
-    # -- model, process, optimiser --------------------------------------------------------------------------
+
+def start_processes(args):
+    """(device, rank, world size). Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) this process is one
+    of several, each on its own GPU, joined in a process group: NCCL between GPUs, gloo between CPU processes."""
+    device = util.pick_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    util.seed_everything(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere+: same results, faster
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device, rank, world_size
+
+
+def build_or_resume(args, config, device, amp_dtype):
+    """(model, EMA, process, optimiser, scaler, checkpoint): new ones, or those of OUT/ckpt.pt when it exists
+    (checkpoint is then its dict, else None)."""
     model, diffusion = util.build_model_and_diffusion(config)
     model.to(device)
     diffusion.to(device)
@@ -279,168 +410,180 @@ def main(argv=None):
         model.to(memory_format=torch.channels_last)  # NHWC convs use tensor cores without layout transposes
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
-
-    # -- resume ---------------------------------------------------------------------------------------------
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    step, checkpoint = 0, None
-    if os.path.exists(ckpt_path):
-        try:
-            checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}; move it away to start a new run in {args.out_dir}") from None
-        # older checkpoints: no classes, no super-resolution, DDPM's GroupNorm rule
-        trained = {"class_cond": False, "classes": None, "super_res_from": None, "min_group_channels": 1,
-                   **checkpoint["config"]}
-        changed = [f"--{k} {trained.get(k)} (now {config[k]})" for k in ARCHITECTURE
-                   if trained.get(k) != config[k] and str(trained.get(k)) != str(config[k])]
-        if changed:
-            raise SystemExit(f"{ckpt_path} was trained with {', '.join(changed)}: pass the same flags to resume, "
-                             f"or a new --out_dir to start another run")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        diffusion.load_state_dict(checkpoint["diffusion"])
-        step = checkpoint["step"]
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # the weights we sample from (EMA, sec. 4 of DDPM)
-    if checkpoint is not None:
-        ema.load_state_dict(checkpoint["ema"])
-    if distributed:  # every rank must resume from the same checkpoint: a machine without it would start afresh
-        steps = torch.tensor([step, -step], device=device)
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-        if steps[0] != -steps[1]:
-            raise SystemExit(f"the ranks found different checkpoints in {args.out_dir} (steps {-steps[1]} to "
-                             f"{steps[0]}): on several machines --out_dir must be a folder they all share")
-        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    else:
-        train_model = model
-    if args.compile:
-        train_model = torch.compile(train_model)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.exists(ckpt_path):
+        return model, ema, diffusion, optimizer, scaler, None
+    try:
+        checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; move it away to start a new run in {args.out_dir}") from None
+    # older checkpoints: no classes, no super-resolution, DDPM's GroupNorm rule
+    trained = {"class_cond": False, "classes": None, "super_res_from": None, "min_group_channels": 1,
+               **checkpoint["config"]}
+    changed = [f"--{k} {trained.get(k)} (now {config[k]})" for k in ARCHITECTURE
+               if trained.get(k) != config[k] and str(trained.get(k)) != str(config[k])]
+    if changed:
+        raise SystemExit(f"{ckpt_path} was trained with {', '.join(changed)}: pass the same flags to resume, "
+                         f"or a new --out_dir to start another run")
+    for name, module in (("model", model), ("ema", ema), ("optimizer", optimizer), ("scaler", scaler),
+                         ("diffusion", diffusion)):
+        module.load_state_dict(checkpoint[name])
+    return model, ema, diffusion, optimizer, scaler, checkpoint
 
-    sampler = ShuffleForever(len(dataset), args.seed, start=step * args.batch_size, rank=rank, world_size=world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0, drop_last=True)
-    batches = iter(loader)
-    if checkpoint is not None:  # after the loader drew its worker seed, so the random stream is the interrupted run's
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-        if checkpoint["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
-        if world_size > 1:  # one rank's state was saved; the others get their own stream from the step
-            torch.manual_seed(args.seed + rank + 1000 * step)
 
-    def save():
-        """Write OUT/ckpt.pt atomically (util.save_checkpoint), and never from weights that are not finite."""
-        if not is_main:
-            return
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            return print(f"weights are not finite at step {step}: kept the last good {ckpt_path}", file=sys.stderr)
-        util.save_checkpoint(dict(
-            model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict(), diffusion=diffusion.state_dict(), step=step, config=config,
-            rng=dict(torch=torch.get_rng_state(),
-                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
-        ), ckpt_path)
+def save_checkpoint(path, model, ema, optimizer, scaler, diffusion, step, config, device):
+    """Write path atomically (util.save_checkpoint), and never from weights that are not finite."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return print(f"weights are not finite at step {step}: kept the last good {path}", file=sys.stderr)
+    util.save_checkpoint(dict(
+        model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(), diffusion=diffusion.state_dict(), step=step, config=config,
+        rng=dict(torch=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+    ), path)
 
-    # -- SIGTERM (rented machine going away, train.sh restarting) and Ctrl-C: finish the step, save, exit ---
-    stop_signal = []
-    previous_handlers = {}
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (a rented machine going away, train.sh restarting) and Ctrl-C set a flag: the loop finishes its step,
+    saves and exits. Yields the list of signal names received. A second Ctrl-C stops at once."""
+    received = []
 
     def request_stop(signum, frame):
-        if stop_signal and signum == signal.SIGINT:
+        if received and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
-        stop_signal.append(signal.Signals(signum).name)
+        received.append(signal.Signals(signum).name)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous_handlers[signum] = signal.signal(signum, request_stop)
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
-    log_path = os.path.join(args.out_dir, "log.csv")
+
+def ranks_agree_to_stop(stop, device):
+    """Under torchrun every rank must stop at the same step (a rank stopping alone would hang the others): true if
+    any rank wants to. Each call waits for the GPU, so the loop asks only every STOP_CHECK_EVERY steps: often enough
+    that torchrun's 30 s between forwarding SIGTERM and SIGKILL leave time to save."""
+    stop = torch.tensor(float(stop), device=device)
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return bool(stop.item())
+
+
+def open_log(log_path, step):
+    """log.csv with its header; on resume, the rows up to the checkpoint's step (a run killed after its last save
+    logged steps that this one redoes)."""
+    kept = []
+    if step and os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f.readlines()[1:] if int(line.split(",")[0]) <= step]
+    with open(log_path, "w") as f:
+        f.write(",".join(LOG_COLUMNS) + "\n" + "".join(kept))
+
+
+def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, batches, dataset, step, device,
+          world_size, amp_dtype):
+    """The loop, from step to --max_steps (or a stop signal, or --max_minutes). Returns the last step."""
+    is_main, distributed = not dist.is_initialized() or dist.get_rank() == 0, world_size > 1
+    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.csv")
+
+    def save():
+        if is_main:
+            save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
+
     if is_main:
-        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-        num_params = sum(p.numel() for p in model.parameters())
-        print(f"{num_params / 1e6:.2f}M parameters, {len(dataset) // 2} images, {world_size} x {device}, "
-              f"autocast {amp_dtype}, {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
-        kept = []  # a run killed after its last save logged steps that this one will redo: drop those rows
-        if step and os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f.readlines()[1:] if int(line.split(",")[0]) <= step]
-        with open(log_path, "w") as f:
-            f.write("step,loss,mse,vb,lr,grad_norm,images_per_s,elapsed_s\n" + "".join(kept))
-    # Sums over the log interval stay on the device: reading them every step would stall the GPU.
-    sums = torch.zeros(4, device=device)  # loss, mse, vb, grad norm
-    first_nonfinite_step = torch.tensor(-1, device=device)
-    start_time = last_log_time = time.time()
-    last_log_step = step
+        open_log(log_path, step)
+    interval = LogInterval(device, step, args.max_skipped_steps if scaler.is_enabled() else 1)
+    start_time, stop_reason = time.time(), "max_steps"
     progress = tqdm(total=args.max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
-    stop_reason = "max_steps"
-    try:
+    with stop_signals() as received, progress:
         while step < args.max_steps:
-            x0, y = next(batches) if args.class_cond else (next(batches), None)  # (B, 3, H, W) in [-1, 1], (B,)
-            x0 = x0.to(device, non_blocking=True)
-            y = y if y is None else y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            loss, losses, grad_norm = training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step,
-                                                    args, amp_dtype, y)
-            lr = optimizer.param_groups[0]["lr"]
+            x0, y = next(batches)  # (B, 3, H, W) in [-1, 1] on the device, (B,) labels or None
+            loss, losses, grad_norm, finite_step = training_step(train_model, model, ema, diffusion, optimizer,
+                                                                 scaler, x0, step, args, amp_dtype, y)
             step += 1
             progress.update()
-            vb = losses["vb"].mean() if "vb" in losses else torch.zeros((), device=device)
-            sums += torch.stack([loss.detach(), losses["mse"].mean().detach(), vb.detach(), grad_norm.float()])
-            is_first_nonfinite = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
-            first_nonfinite_step = torch.where(is_first_nonfinite, step, first_nonfinite_step)
+            interval.add(step, loss, losses, grad_norm, finite_step)
 
             # -- logging, samples, checkpoints: the only places that wait for the device --------------------
             at_log_step = step % args.log_every == 0 or step == args.max_steps
-            stop = bool(stop_signal) or (args.max_minutes > 0 and time.time() - start_time > 60 * args.max_minutes)
-            if distributed and (at_log_step or step % STOP_CHECK_EVERY == 0):
-                # The ranks agree on when to stop (a rank stopping alone would hang the others). Not every step:
-                # the .item() waits for the GPU. Often enough that torchrun's 30 s between forwarding SIGTERM
-                # and SIGKILL leaves time to save.
-                stop = torch.tensor(float(stop), device=device)
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-                stop = bool(stop.item())
-            elif distributed:
-                stop = False
-            if at_log_step or stop:
-                if first_nonfinite_step.item() >= 0:
-                    raise FloatingPointError(
-                        f"the loss became {loss.item()} at step {first_nonfinite_step.item()}; stopped without saving, "
-                        f"the last good checkpoint is {ckpt_path}. Try a lower --lr, or --precision fp32 or bf16")
-                now = time.time()
-                averages = (sums / (step - last_log_step)).tolist()
-                images_per_s = (step - last_log_step) * args.batch_size * world_size / (now - last_log_time)
-                sums.zero_()
-                last_log_step = step
-                if is_main:
-                    progress.set_postfix(loss=f"{averages[0]:.4f}", img_s=f"{images_per_s:.1f}")
-                    vb_text = f"{averages[2]:.5f}" if "vb" in losses else ""
-                    with open(log_path, "a") as f:
-                        f.write(f"{step},{averages[0]:.6f},{averages[1]:.6f},{vb_text},{lr:.3g},{averages[3]:.4f},"
-                                f"{images_per_s:.1f},{now - start_time:.1f}\n")
-                    plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
+            at_save_step = step % args.save_every == 0 and step < args.max_steps
+            stop = bool(received) or (args.max_minutes > 0 and time.time() - start_time > 60 * args.max_minutes)
+            if distributed:
+                stop = (at_log_step or step % STOP_CHECK_EVERY == 0) and ranks_agree_to_stop(stop, device)
+            if at_log_step or at_save_step or stop:
+                interval.stop_if_diverged(scaler, ckpt_path)  # before anything is saved
+            if is_main and (at_log_step or stop):
+                row = interval.row(step, optimizer.param_groups[0]["lr"], args.batch_size * world_size, start_time,
+                                   scaler)
+                with open(log_path, "a") as f:
+                    f.write(",".join(row[column] for column in LOG_COLUMNS) + "\n")
+                progress.set_postfix(loss=row["loss"] or "-", img_s=row["images_per_s"])
+                plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
             if is_main and args.sample_every and step % args.sample_every == 0:
                 save_samples(ema, diffusion, config, step, device, dataset)
-            if step % args.save_every == 0 and step < args.max_steps:
+            if at_save_step:
                 save()
             if at_log_step:
-                last_log_time = time.time()  # images/s counts training only, not the plotting, sampling and saving
+                interval.restart_clock()
             if stop:
-                stop_reason = f"{stop_signal[0]} received" if stop_signal else "--max_minutes reached"
+                stop_reason = f"{received[0]} received" if received else "--max_minutes reached"
                 break
         save()
         if is_main and (not args.sample_every or step % args.sample_every) and stop_reason == "max_steps":
             save_samples(ema, diffusion, config, step, device, dataset)
-        progress.close()
-        if is_main:
-            print(f"stopped at step {step} ({stop_reason}); checkpoint: {ckpt_path}", file=sys.stderr)
-    finally:
-        progress.close()  # also when an error ends the run (closing twice is harmless)
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-        if distributed:
-            dist.destroy_process_group()
+    if is_main:
+        print(f"stopped at step {step} ({stop_reason}); checkpoint: {ckpt_path}", file=sys.stderr)
     return step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    config = vars(args)
+    device, rank, world_size = start_processes(args)
+    amp_dtype = util.autocast_dtype(device, args.precision)
+    try:
+        try:  # check the data first: a bad folder stops the run at once, with one line saying what to do
+            dataset = util.NumberedImages(args.data_dir, args.image_size, labels=args.class_cond)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
+        config["classes"] = dataset.classes  # None, or the class names: the checkpoint says what each label means
+
+        model, ema, diffusion, optimizer, scaler, checkpoint = build_or_resume(args, config, device, amp_dtype)
+        step = checkpoint["step"] if checkpoint else 0
+        train_model = model
+        if world_size > 1:  # every rank must resume from the same checkpoint: a machine without it would start afresh
+            steps = torch.tensor([step, -step], device=device)
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+            if steps[0] != -steps[1]:
+                raise SystemExit(f"the ranks found different checkpoints in {args.out_dir} (steps {-steps[1]} to "
+                                 f"{steps[0]}): on several machines --out_dir must be a folder they all share")
+            train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if args.compile:
+            train_model = torch.compile(train_model)
+
+        batches = device_batches(dataset, args, device, step, rank, world_size)
+        if checkpoint is not None:  # after the loader drew its worker seed: the random stream is the interrupted run's
+            torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+            if checkpoint["rng"]["cuda"] is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
+            if world_size > 1:  # one rank's state was saved; the others get their own stream from the step
+                torch.manual_seed(args.seed + rank + 1000 * step)
+
+        if rank == 0:
+            os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+            num_params = sum(p.numel() for p in model.parameters())
+            print(f"{num_params / 1e6:.2f}M parameters, {len(dataset) // 2} images, {world_size} x {device}, "
+                  f"autocast {amp_dtype}, {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
+        return train(args, config, model, train_model, ema, diffusion, optimizer, scaler, batches, dataset, step,
+                     device, world_size, amp_dtype)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

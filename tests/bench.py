@@ -4,10 +4,11 @@ Benchmarks, not tests: pytest collects only test_*.py. One table of what this ma
     python tests/bench.py                                          # demo and small32 on this device
     python tests/bench.py --device cuda --config anime64 --compile --json bench.json
     python tests/bench.py --estimate_gpu_memory                    # train.sh's GPU memory, estimated on the CPU
+    python tests/bench.py --memory_options --config anime64        # the speed --checkpointing and --microbatch cost
 
 For each configuration, and each precision the device runs natively (fp32 always, TF32 on CUDA; bf16 on CPUs
-with AVX-512 BF16 or AMX and on GPUs from Ampere on; fp16 with a gradient scaler on CUDA), eager and, with
---compile, torch.compiled:
+with AVX-512 BF16 or AMX and on GPUs from Ampere on; fp16 with a gradient scaler on CUDA, not on the CPU, where its
+convolution backward has no fast kernel), eager and, with --compile, torch.compiled:
     train img/s   forward + backward + AdamW + EMA: train.training_step, exactly the step train.py runs
     MFU           model FLOP utilisation: FLOPs per image (FlopCounterMode) x img/s / the matmul peak of the
                   device at that precision, measured in the same run
@@ -41,6 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+import unet
 import util
 
 # The model flags of each configuration; the rest are train.py's defaults.
@@ -63,6 +65,9 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (minutes to compile)")
     p.add_argument("--repeats", type=int, default=5, help="timings per figure; the median is reported")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table and the machine to FILE")
+    p.add_argument("--memory_options", action="store_true",
+                   help="only time the training step with --checkpointing and --microbatch B/2 and B/4 against the "
+                   "plain one, in alternating rounds (and their peak memory on CUDA), for each --config")
     p.add_argument("--estimate_gpu_memory", action="store_true",
                    help="only estimate train.sh's GPU memory from the tensors saved for backward, on the CPU")
     return p.parse_args()
@@ -228,6 +233,38 @@ def bench_sampling(args, ema, diffusion, device, amp_dtype, repeats):
     return dict(sample_img_s=GRID / step_seconds, grid50_s=grid50, grid1000_s=grid_T, grid1000_derived=derived)
 
 
+def bench_memory_options(config_name, batch_size, device, repeats):
+    """Images/s of the training step with each way of saving memory, as a ratio to the plain step. The variants
+    run in turn, one step each, in `repeats` rounds after a warm-up round; the ratio is the median over the rounds
+    of each round's own ratio, so that a machine slowing down or speeding up between rounds cancels out."""
+    args, model, ema, diffusion, optimizer = build(config_name, batch_size, device)
+    amp_dtype = util.autocast_dtype(device, "auto")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    B = args.batch_size
+    x0 = torch.rand(B, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    if device.type == "cuda":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    variants = [(None, False), (None, True), (B // 2, False), (B // 2, True), (B // 4, False), (B // 4, True)]
+    seconds, peaks = {variant: [] for variant in variants}, {}
+    for round in range(repeats + 1):
+        for microbatch, checkpointing in variants:
+            args.microbatch, model.checkpointing = microbatch, checkpointing
+            reset_peak_memory(device)
+            step_seconds = median_seconds(lambda: train.training_step(model, model, ema, diffusion, optimizer, scaler,
+                                                                      x0, 1000, args, amp_dtype), device, 1, warmup=0)
+            if round:
+                seconds[microbatch, checkpointing].append(step_seconds)
+                peaks[microbatch, checkpointing] = peak_memory_gib(device)
+    print(f"{config_name}, batch {B}, {'fp32' if amp_dtype is None else str(amp_dtype)[6:]}, {repeats} rounds:")
+    print("microbatch  checkpointing  train img/s  vs plain" + ("  peak GiB" if device.type == "cuda" else ""))
+    plain = seconds[None, False]
+    for (microbatch, checkpointing), times in seconds.items():
+        ratio = statistics.median(p / t for p, t in zip(plain, times))
+        peak = f"  {peaks[microbatch, checkpointing]:8.2f}" if device.type == "cuda" else ""
+        print(f"{microbatch or '-':>10}  {'yes' if checkpointing else 'no':>13}  {B / statistics.median(times):11.1f}"
+              f"  {ratio:7.2f}x{peak}")
+
+
 def bench_loader(repeats):
     """Images/s the anime64 recipe's loader delivers from 64x64 PNGs on this CPU: a bound on GPU training speed."""
     import numpy as np
@@ -302,6 +339,10 @@ def main():
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     names = args.config.split(",") if args.config else (list(CONFIGS) if device.type == "cuda" else ["demo", "small32"])
+    if args.memory_options:
+        for name in names:
+            bench_memory_options(name, args.batch_size, device, args.repeats)
+        return
     info = machine(device)
     print(f"{info['device']}, {info.get('cores', '')} cores {' '.join(info.get('cpu_flags', []))}, "
           f"torch {info['torch']}, {info['threads']} threads, {info['date']}")
@@ -334,64 +375,83 @@ def main():
 # GPU memory of train.sh's recipe, estimated on the CPU (until a GPU measures it)
 
 
+def saved_for_backward(model, diffusion, x0, t, group_norm_fp32=False):
+    """(bytes per image, bytes per step) that one training forward of x0 keeps for its backward, under bf16
+    autocast: the tensors autograd saves (seen by saved-tensor hooks) and, with model.checkpointing, the inputs each
+    checkpointed block keeps to run again (which the hooks do not see). Each storage is counted once; the weights
+    are not counted, but the bf16 copies autocast makes of them are: per step, not per image.
+    group_norm_fp32: run GroupNorm in fp32, as CUDA autocast does (it is on its fp32 list); CPU autocast runs it in
+    bf16. GroupNorm then saves and returns fp32, so the SiLU and scale-shift after it save fp32 too."""
+    per_batch, per_step, seen = 0, 0, set()
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_shapes = {p.shape for p in model.parameters()}
+
+    def count(tensor):
+        nonlocal per_batch, per_step
+        storage = tensor.untyped_storage()
+        # Views (q, k, v of one qkv; chunks; expands) keep their whole storage alive: count each storage once
+        if storage.data_ptr() not in seen | param_storages:
+            seen.add(storage.data_ptr())
+            if tensor.shape in param_shapes:  # a bf16 copy autocast made of a weight: once a step
+                per_step += storage.nbytes()
+            else:
+                per_batch += storage.nbytes()
+        return tensor
+
+    hooks = []
+    for module in model.modules():
+        if group_norm_fp32 and isinstance(module, torch.nn.GroupNorm):
+            hooks.append(module.register_forward_pre_hook(lambda module, args: (args[0].float(),)))
+        if model.checkpointing and isinstance(module, (unet.ResBlock, unet.Attention)):
+            hooks.append(module.register_forward_pre_hook(lambda module, args: [count(x) for x in args] and None))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                diffusion.training_losses(model, x0, t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return per_batch / x0.shape[0], per_step
+
+
 def estimate_gpu_memory(batch_size=2):
-    """GPU memory to train train.sh's 64x64 config (AdamW, EMA, bf16 autocast), estimated on the CPU."""
+    """GPU memory to train train.sh's 64x64 config (AdamW, EMA, bf16 autocast) at batch 64, as it is and with
+    --checkpointing and --microbatch, estimated on the CPU."""
     args = train.parse_args(CONFIGS["anime64"])
     torch.manual_seed(0)
     model, diffusion = util.build_model_and_diffusion(vars(args))  # train mode: dropout on
     n_params = sum(p.numel() for p in model.parameters())
     # fp32 params + grads + AdamW exp_avg and exp_avg_sq + the EMA copy. zero_grad(set_to_none=True) frees the grads,
     # which only come back as backward frees activations: counting all of them at the peak errs on the safe side.
+    # With --microbatch the gradients stay allocated between chunks: the same count.
     states = 5 * 4 * n_params
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    param_shapes = {p.shape for p in model.parameters()}
     x0, t = torch.rand(batch_size, 3, 64, 64) * 2 - 1, torch.randint(0, 1000, (batch_size,))
-
-    def saved_bytes(gn_fp32=True):
-        """(bytes per image, bytes per step) of the tensors one training forward keeps for backward."""
-        per_batch, per_step, seen = 0, 0, set()
-
-        def pack(tensor):
-            nonlocal per_batch, per_step
-            storage = tensor.untyped_storage()
-            # Views (q, k, v of one qkv; chunks; expands) keep their whole storage alive: count each storage once.
-            # Parameters are already in `states`.
-            if storage.data_ptr() not in seen | param_storages:
-                seen.add(storage.data_ptr())
-                if tensor.shape in param_shapes:  # a bf16 copy autocast made of a weight (CUDA's too): once a step
-                    per_step += storage.nbytes()
-                else:
-                    per_batch += storage.nbytes()
-            return tensor
-
-        # CUDA autocast runs group_norm in fp32 (it is on its fp32 list); CPU autocast runs it in bf16 after a conv.
-        # Casting its input to fp32 does what CUDA does: GroupNorm then saves fp32 and returns fp32, so the SiLU and
-        # scale-shift after it save fp32 too. Convs, linears and attention go to bf16 on both; the loss is fp32.
-        hooks = [m.register_forward_pre_hook(lambda m, args: (args[0].float(),))
-                 for m in model.modules() if gn_fp32 and isinstance(m, torch.nn.GroupNorm)]
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    diffusion.training_losses(model, x0, t)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return per_batch / batch_size, per_step
-
     # Attention runs a fused kernel (CPU flash here, flash or memory-efficient on CUDA): it keeps q, k, v, the
     # output and a logsumexp, never the (heads, HW, HW) attention weights.
-    per_image, per_step = saved_bytes()
-    per_image_cpu, _ = saved_bytes(gn_fp32=False)
+    per_image, per_step = saved_for_backward(model, diffusion, x0, t, group_norm_fp32=True)
+    per_image_cpu, _ = saved_for_backward(model, diffusion, x0, t)
+    model.checkpointing = True
+    per_image_checkpointed, _ = saved_for_backward(model, diffusion, x0, t, group_norm_fp32=True)
     MiB, GiB = 2 ** 20, 2 ** 30
     print(f"parameters: {n_params:,}; fp32 params + grads + AdamW (2) + EMA: {states / GiB:.2f} GiB; "
           f"bf16 weight copies saved for backward: {per_step / GiB:.2f} GiB")
-    print(f"saved for backward per image: {per_image / MiB:.1f} MiB ({per_image:,.0f} bytes), as CUDA would run it")
-    print(f"  (as CPU autocast runs it, with bf16 group_norm: {per_image_cpu / MiB:.1f} MiB)")
+    print(f"saved for backward per image: {per_image / MiB:.1f} MiB, as CUDA would run it "
+          f"(CPU autocast, with bf16 group_norm: {per_image_cpu / MiB:.1f} MiB); "
+          f"with --checkpointing: {per_image_checkpointed / MiB:.1f} MiB")
     # Not counted: the CUDA context (~0.5 GiB, outside PyTorch's allocator), cuDNN workspaces, gradients of
-    # activations in flight during backward, fragmentation: allow ~10% on top rather than guess them.
-    print("batch   GiB = states + weight copies + batch x per image (+~10% allocator, workspace, context)")
+    # activations in flight during backward (with --checkpointing, one block's activations while it runs again),
+    # fragmentation: allow ~10% on top rather than guess them.
+    print("GiB = states + weight copies + images in memory at once x per image (+~10% allocator, workspace, context)")
+    print("batch  microbatch  checkpointing    GiB")
     for batch in (16, 32, 64, 128):
-        print(f"{batch:5d}   {(states + per_step + batch * per_image) / GiB:5.1f}")
+        print(f"{batch:5d}  {'-':>10}  {'no':>13}  {(states + per_step + batch * per_image) / GiB:5.1f}")
+    for microbatch in (None, 32, 16):
+        for checkpointing, saved in (("no", per_image), ("yes", per_image_checkpointed)):
+            if microbatch is None and checkpointing == "no":
+                continue  # the batch 64 row above
+            at_once = microbatch or 64
+            print(f"{64:5d}  {microbatch or '-':>10}  {checkpointing:>13}  "
+                  f"{(states + per_step + at_once * saved) / GiB:5.1f}")
 
 
 if __name__ == "__main__":

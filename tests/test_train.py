@@ -109,7 +109,7 @@ def test_training_smoke_writes_checkpoint_log_and_samples(images, tmp_path):
     assert set(checkpoint) == {"model", "ema", "optimizer", "scaler", "diffusion", "step", "config", "rng"}
     assert checkpoint["step"] == 4 and checkpoint["config"]["base_channels"] == 16
     rows = (out / "log.csv").read_text().splitlines()
-    assert rows[0].startswith("step,loss,mse,vb,lr,grad_norm,images_per_s,elapsed_s") and len(rows) == 1 + 4
+    assert rows[0] == "step,loss,mse,vb,lr,grad_norm,images_per_s,elapsed_s,skipped,loss_scale" and len(rows) == 1 + 4
     assert all(float(row.split(",")[1]) > 0 for row in rows[1:])
     grid = Image.open(out / "samples" / "000004.png")
     assert grid.size == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2))  # 4 samples, 2 x 2 with padding 2
@@ -181,7 +181,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         return model, diffusion
 
     monkeypatch.setattr(util, "build_model_and_diffusion", build_with_a_loss_that_explodes)
-    with pytest.raises(FloatingPointError, match="at step 5"):
+    with pytest.raises(SystemExit, match="non-finite at step 5; stopped without saving"):
         run(images, tmp_path / "run", "--max_steps", "10", "--save_every", "2", "--log_every", "3", "--sample_every", "0")
     checkpoint = util.load_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert checkpoint["step"] == 4
