@@ -8,8 +8,9 @@ Look at a trained model and measure it: its samples, how they form, and the pape
 
 Everything goes into --out (default: eval/ beside the checkpoint):
     grid.png          16 samples, 4x4
-    process/N.png     how sample N forms: x_t at about 20 steps, from noise (left) to the image (right)
-    pred_x0/N.png     the network's estimate of the final image, x^_0, at the same steps
+    process/N.png     how sample N forms: about 20 of its steps, from noise (left) to the image (right), each
+                      frame labelled with the step's t (1-based, T ... 1): x_{t-1}, what the step from x_t made
+    pred_x0/N.png     the network's estimate of the final image, x^_0, from x_t at the same steps
     denoise.gif       the grid forming, step by step
     steps.png         the same starting noise sampled with K = 10, 25, 50, 100 and all T steps, a column per K:
                       learned variances keep most of the quality at few steps (sec. 4)
@@ -30,7 +31,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import util
@@ -76,7 +76,7 @@ def evenly_spaced(num_steps, count):
 
 def sample_keeping(diffusion, model, noise, steps, args, keep=(), model_kwargs=None):
     """Sample from x_T = noise with `steps` steps. Returns the final x_0 (B, C, H, W) and, for every step index
-    in keep (0 = the first step, from x_T), that step's x_{t-1} and x^_0 on the CPU. The steps' noise comes from
+    in keep (0 = the first step, from x_T), that step's x_{t-1}, x^_0 (on the CPU) and t. The steps' noise comes from
     a generator seeded by --seed, so different step counts start from the same x_T and the same seed.
     model_kwargs: the condition, {"y": classes (B,)} or {"low_res": (B, 3, H, W)}, or None."""
     generator = torch.Generator(noise.device).manual_seed(args.seed + 1)
@@ -84,15 +84,17 @@ def sample_keeping(diffusion, model, noise, steps, args, keep=(), model_kwargs=N
     for i, out in enumerate(diffusion.sample_progressive(model, noise.shape, steps, args.ddim, args.eta, noise=noise,
                                                          model_kwargs=model_kwargs, progress=True,
                                                          generator=generator)):
-        if i in keep:
-            kept[i] = (out["x"].float().cpu(), out["pred_x0"].float().cpu())
+        if i in keep:  # t: the 0-based index of diffusion.py, one below the paper's
+            kept[i] = (out["x"].float().cpu(), out["pred_x0"].float().cpu(), int(out["t"][0]) + 1)
     return out["x"].clamp(-1, 1), kept
 
 
-def save_strips(frames, folder):
-    """frames: (F, B, C, H, W) -> folder/1.png ... B.png, each the F frames of one sample side by side."""
+def save_strips(frames, labels, folder):
+    """frames: (F, B, C, H, W) -> folder/1.png ... B.png, each the F frames of one sample side by side, labels
+    under them."""
     for n in range(frames.shape[1]):
-        util.save_image_grid(frames[:, n], os.path.join(folder, f"{n + 1}.png"), nrow=frames.shape[0])
+        util.save_image_grid(frames[:, n], os.path.join(folder, f"{n + 1}.png"), nrow=frames.shape[0],
+                             column_labels=labels, labels_below=True)
 
 
 def save_gif(frames, path, nrow):
@@ -102,22 +104,11 @@ def save_gif(frames, path, nrow):
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
-def save_labelled_columns(columns, labels, path):
-    """columns: list of (N, C, H, W) in [-1, 1] -> one PNG, a column per entry with its label on top, images
-    enlarged (nearest) to at least 64 px so that the labels fit."""
-    scale = max(1, math.ceil(64 / columns[0].shape[-1]))
-    grids = [util.image_grid(column, nrow=1) for column in columns]
-    grids = [grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) for grid in grids]
-    font = ImageFont.load_default(size=12)
-    header = 20
-    canvas = Image.new("RGB", (sum(grid.width for grid in grids), header + grids[0].height), "white")
-    draw = ImageDraw.Draw(canvas)
-    left = 0
-    for grid, label in zip(grids, labels):
-        canvas.paste(grid, (left, header))
-        draw.text((left + grid.width / 2, header / 2), label, fill="black", font=font, anchor="mm")
-        left += grid.width
-    canvas.save(path)
+def save_labelled_columns(columns, labels, path, row_labels=()):
+    """columns: list of (N, C, H, W) in [-1, 1] -> one PNG, a column per entry with its label on top (and a label
+    left of each row, if given)."""
+    images = torch.stack(columns, dim=1).flatten(0, 1)  # (N * columns, C, H, W), row by row
+    util.save_image_grid(images, path, nrow=len(columns), column_labels=labels, row_labels=row_labels)
 
 
 def make_pictures(diffusion, model, config, dataset, args, device, amp_dtype, out):
@@ -142,26 +133,31 @@ def make_pictures(diffusion, model, config, dataset, args, device, amp_dtype, ou
     with util.autocast(device, amp_dtype):
         samples, kept = sample_keeping(diffusion, sampler, noise, steps, args, keep=set(strip_steps) | set(gif_steps),
                                        model_kwargs=model_kwargs)
-    util.save_image_grid(samples, os.path.join(out, "grid.png"), nrow=4)
+    row_classes = [classes[int(y)] for y in model_kwargs["y"][::4]] if classes else []  # one class a row
+    util.save_image_grid(samples, os.path.join(out, "grid.png"), nrow=4, row_labels=row_classes)
     xs = torch.stack([kept[i][0] for i in strip_steps])  # (frames, 16, C, H, W); the last frame is the sample
     pred_x0s = torch.stack([kept[i][1] for i in strip_steps])
-    save_strips(xs, os.path.join(out, "process"))
-    save_strips(pred_x0s, os.path.join(out, "pred_x0"))
+    t_labels = [f"t={kept[i][2]}" for i in strip_steps]
+    save_strips(xs, t_labels, os.path.join(out, "process"))
+    save_strips(pred_x0s, t_labels, os.path.join(out, "pred_x0"))
     save_gif(torch.stack([kept[i][0] for i in gif_steps]), os.path.join(out, "denoise.gif"), nrow=4)
 
     first_rows = {key: value[:STEPS_ROWS] for key, value in model_kwargs.items()}
     save_steps_comparison(diffusion, sampler, noise[:STEPS_ROWS], first_rows, steps, samples[:STEPS_ROWS], args,
-                          device, amp_dtype, os.path.join(out, "steps.png"))
+                          device, amp_dtype, os.path.join(out, "steps.png"),
+                          [classes[int(y)] for y in first_rows["y"]] if classes else [])
     if classes:
         rows = min(8, len(classes))  # a row per class, the first 8
         save_guidance_comparison(diffusion, model, noise[:rows], torch.arange(rows, device=device),
                                  args.steps or min(T, GUIDANCE_STEPS), args, device, amp_dtype,
-                                 os.path.join(out, "guidance.png"))
+                                 os.path.join(out, "guidance.png"), classes[:rows])
 
 
-def save_steps_comparison(diffusion, sampler, noise, model_kwargs, steps, samples, args, device, amp_dtype, path):
+def save_steps_comparison(diffusion, sampler, noise, model_kwargs, steps, samples, args, device, amp_dtype, path,
+                          row_labels):
     """steps.png, the paper's sec. 4 in one picture: every column starts from the same x_T = noise and samples
-    with K = 10, 25, 50, 100 and T steps. samples: those already drawn with `steps` steps."""
+    with K = 10, 25, 50, 100 and T steps. samples: those already drawn with `steps` steps. row_labels: each row's
+    class, or nothing."""
     T = diffusion.num_timesteps
     counts = sorted({k for k in STEPS_COMPARED if k < T} | {T})
     columns = []
@@ -173,11 +169,12 @@ def save_steps_comparison(diffusion, sampler, noise, model_kwargs, steps, sample
         with util.autocast(device, amp_dtype):
             columns.append(sample_keeping(diffusion, sampler, noise, k, args, model_kwargs=model_kwargs)[0])
     labels = [f"K={k}" if k < T else f"T={k}" for k in counts]
-    save_labelled_columns([column.float().cpu() for column in columns], labels, path)
+    save_labelled_columns([column.float().cpu() for column in columns], labels, path, row_labels)
 
 
-def save_guidance_comparison(diffusion, model, noise, y, steps, args, device, amp_dtype, path):
-    """guidance.png: the classes y, one a row, from the same noise at each guidance weight, one a column."""
+def save_guidance_comparison(diffusion, model, noise, y, steps, args, device, amp_dtype, path, class_names):
+    """guidance.png: the classes y (named class_names), one a row, from the same noise at each guidance weight, one
+    a column."""
     print(f"guidance.png: sampling with {steps} steps at w = {GUIDANCE_WEIGHTS}", file=sys.stderr)
     columns = []
     for w in GUIDANCE_WEIGHTS:
@@ -185,7 +182,7 @@ def save_guidance_comparison(diffusion, model, noise, y, steps, args, device, am
             guided = classifier_free_guidance(model, w, model.num_classes)
             samples = sample_keeping(diffusion, guided, noise, steps, args, model_kwargs={"y": y})[0]
         columns.append(samples.float().cpu())
-    save_labelled_columns(columns, [f"w={w:g}" for w in GUIDANCE_WEIGHTS], path)
+    save_labelled_columns(columns, [f"w={w:g}" for w in GUIDANCE_WEIGHTS], path, class_names)
 
 
 # ----------------------------------------------------------------------------------------------------------

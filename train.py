@@ -181,13 +181,14 @@ def save_samples(ema, diffusion, config, step, device, dataset):
     """OUT/samples/STEP.png: a grid of EMA samples drawn with 50 respaced steps (sec. 4), quick and close to the
     quality of all T steps when the variances are learned. Class-conditional: a row per class (the first 8).
     Super-resolution: the first training images, in rows of three: low-res input, the model's sample, original."""
-    num, nrow, model_kwargs = config["num_samples"], None, {}
+    num, nrow, model_kwargs, row_labels = config["num_samples"], None, {}, []
     size, low_res_size = config["image_size"], config["super_res_from"]
     if config["classes"]:
         rows = min(8, len(config["classes"]))
         nrow = max(1, num // rows)
         num = rows * nrow
         model_kwargs["y"] = torch.arange(rows, device=device).repeat_interleave(nrow)  # row r: class r
+        row_labels = config["classes"][:rows]
     if low_res_size:
         nrow = max(1, math.isqrt(min(num, len(dataset) // 2)))
         num = nrow * (min(num, len(dataset) // 2) // nrow)  # whole rows
@@ -203,7 +204,9 @@ def save_samples(ema, diffusion, config, step, device, dataset):
         blocky = F.interpolate(low_res, size=(size, size), mode="nearest")  # the input as it is: big pixels
         triples = torch.stack([blocky, samples.float(), originals]).unflatten(1, (-1, nrow))  # (3, rows, nrow, ...)
         samples = triples.transpose(0, 1).flatten(0, 2)  # rows in threes: low-res, sample, original
-    util.save_image_grid(samples, os.path.join(config["out_dir"], "samples", f"{step:06d}.png"), nrow=nrow)
+        row_labels = [f"{low_res_size}x{low_res_size}", "sample", "original"] * (num // nrow)
+    util.save_image_grid(samples, os.path.join(config["out_dir"], "samples", f"{step:06d}.png"), nrow=nrow,
+                         row_labels=row_labels)
 
 
 def plot_losses(log_path, png_path):
@@ -220,7 +223,8 @@ def plot_losses(log_path, png_path):
         points = [(int(row["step"]), float(row[key])) for row in rows if row[key]]  # "": every step skipped, or no vb
         if points:
             ax.plot(*zip(*points), label=key)
-    ax.set(xlabel="step", yscale="log", title="training loss (mean over each log interval)")
+    ax.set(xlabel="training step", ylabel="loss (log scale)", yscale="log",
+           title="training loss: mean over each log interval")
     ax.legend()
     fig.savefig(png_path + ".tmp.png", dpi=100)
     plt.close(fig)

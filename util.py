@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
@@ -71,10 +71,14 @@ def to_uint8(x):
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def save_image_grid(x, path, nrow=None):
-    """x: (B, C, H, W) in [-1, 1] -> one PNG with the B images in a grid, nrow images per row (default ~square)."""
+def save_image_grid(x, path, nrow=None, column_labels=(), row_labels=(), labels_below=False):
+    """x: (B, C, H, W) in [-1, 1] -> one PNG with the B images in a grid, nrow images per row (default ~square),
+    labelled as labelled_grid says if labels are given."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image_grid(x, nrow).save(path)
+    if column_labels or row_labels:
+        labelled_grid(x, nrow, column_labels, row_labels, labels_below).save(path)
+    else:
+        image_grid(x, nrow).save(path)
 
 
 def image_grid(x, nrow=None):
@@ -85,6 +89,34 @@ def image_grid(x, nrow=None):
     pixels = to_uint8(x).permute(0, 3, 1, 2)  # (B, C, H, W) uint8, rounded as the PNGs of sample.py are
     grid = torchvision.utils.make_grid(pixels, nrow=nrow, padding=2, pad_value=255)  # (C, H', W')
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def labelled_grid(x, nrow, column_labels=(), row_labels=(), labels_below=False, min_side=64):
+    """image_grid, with a label over each column (under it with labels_below) and one left of each row, so that a
+    picture says what it shows. The images are enlarged (nearest neighbour: every pixel stays visible) to at least
+    min_side px, so that a label fits over an image."""
+    grid = image_grid(x, nrow)
+    scale = max(1, math.ceil(min_side / x.shape[-1]))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    font = ImageFont.load_default(size=12)
+    text_width = ImageDraw.Draw(grid).textlength
+    left = round(max(text_width(label, font=font) for label in row_labels)) + 8 if row_labels else 0
+    header = 18 if column_labels else 0
+    top = 0 if labels_below else header  # where the images start
+    canvas = Image.new("RGB", (left + grid.width, header + grid.height), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    height, width = x.shape[-2:]
+
+    def centre(index, side):  # of the index-th image along one axis: image_grid pads 2 px around every image
+        return (2 + index * (side + 2) + side / 2) * scale
+
+    label_y = grid.height + header / 2 if labels_below else header / 2
+    for column, label in enumerate(column_labels):
+        draw.text((left + centre(column, width), label_y), label, fill="black", font=font, anchor="mm")
+    for row, label in enumerate(row_labels):
+        draw.text((left - 4, top + centre(row, height)), label, fill="black", font=font, anchor="rm")
+    return canvas
 
 
 def downsample(x, size):

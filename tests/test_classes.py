@@ -107,9 +107,12 @@ def test_sample_writes_the_requested_classes_and_their_labels(labelled, tmp_path
 def test_eval_grid_rows_and_guidance_columns(labelled, tmp_path):
     evaluate.main([str(labelled / "run" / "ckpt.pt"), "--steps", "4", "--out", str(tmp_path)])
     cell = 16 + 2
-    assert Image.open(tmp_path / "grid.png").size == (2 + 4 * cell, 2 + 4 * cell)
-    # guidance.png: w = 0, 1, 3, 5, a row for each of the 3 classes, images enlarged 4x, a 20 px label row
-    assert Image.open(tmp_path / "guidance.png").size == (4 * 4 * (2 + cell), 20 + 4 * (2 + 3 * cell))
+    # grid.png: 4 x 4, enlarged 4x so that each row's class name fits beside it (rows blue, green, red, blue)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.height == 4 * (2 + 4 * cell) and grid.width > 4 * (2 + 4 * cell) + 20
+    # guidance.png: w = 0, 1, 3, 5, a row for each of the 3 classes, enlarged 4x, an 18 px label row, class names
+    guidance = Image.open(tmp_path / "guidance.png")
+    assert guidance.height == 18 + 4 * (2 + 3 * cell) and guidance.width == grid.width  # the same labels' width
 
 
 def test_bad_labels_and_classes_are_refused_in_one_line(labelled, tmp_path):

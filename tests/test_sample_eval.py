@@ -136,18 +136,19 @@ def test_eval_writes_every_picture_with_the_right_sizes(run_dir, tmp_path):
     cell = SIZE + 2  # each image with the 2 px padding of the grids
     assert Image.open(out / "grid.png").size == (2 + 4 * cell, 2 + 4 * cell)
     assert pngs(out / "process") == pngs(out / "pred_x0") == sorted(f"{n}.png" for n in range(1, 17))
-    assert Image.open(out / "process" / "1.png").size == (2 + 20 * cell, 2 + cell)  # 20 frames of T = 50 steps
-    assert Image.open(out / "pred_x0" / "16.png").size == (2 + 20 * cell, 2 + cell)
+    # 20 frames of T = 50 steps, enlarged 4x to 64 px so that an 18 px row of labels t=50 ... t=1 fits under them
+    strip_size = (4 * (2 + 20 * cell), 4 * (2 + cell) + 18)
+    assert Image.open(out / "process" / "1.png").size == Image.open(out / "pred_x0" / "16.png").size == strip_size
     gif = Image.open(out / "denoise.gif")
     assert gif.n_frames == 50 and gif.size == (2 + 4 * cell, 2 + 4 * cell)
-    # steps.png: columns K = 10, 25 and T = 50, 8 rows, images enlarged 4x to 64 px, a 20 px label row on top
-    assert Image.open(out / "steps.png").size == (3 * 4 * (2 + cell), 20 + 4 * (2 + 8 * cell))
+    # steps.png: columns K = 10, 25 and T = 50, 8 rows, images enlarged 4x to 64 px, an 18 px label row on top
+    assert Image.open(out / "steps.png").size == (4 * (2 + 3 * cell), 18 + 4 * (2 + 8 * cell))
 
     grid = pixels(out / "grid.png")
     for n in range(16):
         row, column = divmod(n, 4)
         in_grid = grid[2 + row * cell:][:SIZE, 2 + column * cell:][:, :SIZE]
-        strip = pixels(out / "process" / f"{n + 1}.png")
+        strip = pixels(out / "process" / f"{n + 1}.png")[:4 * (2 + cell):4, ::4]  # the frames, at their own size
         last_frame = strip[2:2 + SIZE, 2 + 19 * cell:2 + 19 * cell + SIZE]
         assert np.array_equal(last_frame, in_grid), f"process/{n + 1}.png does not end in the grid's image"
         first_frame = strip[2:2 + SIZE, 2:2 + SIZE].astype(float)
@@ -160,7 +161,7 @@ def test_eval_steps_and_seed_decide_the_pictures(run_dir, tmp_path):
         evaluate.main([ckpt, "--steps", "5", "--ddim", "--seed", seed, "--out", str(tmp_path / name)])
     assert np.array_equal(pixels(tmp_path / "a" / "grid.png"), pixels(tmp_path / "b" / "grid.png"))
     assert not np.array_equal(pixels(tmp_path / "a" / "grid.png"), pixels(tmp_path / "c" / "grid.png"))
-    assert Image.open(tmp_path / "a" / "process" / "1.png").size == (2 + 5 * (SIZE + 2), SIZE + 4)  # 5 steps, 5 frames
+    assert Image.open(tmp_path / "a" / "process" / "1.png").size == (4 * (2 + 5 * (SIZE + 2)), 4 * (SIZE + 4) + 18)
     assert Image.open(tmp_path / "a" / "denoise.gif").n_frames == 5
 
 

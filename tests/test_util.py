@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -246,6 +247,31 @@ def test_save_image_grid_size_and_value_mapping(tmp_path):
 
     util.save_image_grid(x, path, nrow=6)
     assert Image.open(path).size == (6 * 10 + 2, 1 * 10 + 2)
+
+
+def dark_pixels(image, box):
+    return int((np.array(image.crop(box).convert("L")) < 128).sum())
+
+
+def test_labelled_grid_puts_the_images_beside_their_labels():
+    x = torch.ones(6, 3, 16, 16)  # white images: any dark pixel is a label's
+    x[:, 0] = -1  # cyan, so that images and background differ
+    plain = util.image_grid(x, nrow=3).resize((4 * 56, 4 * 38), Image.NEAREST)  # 3 x 2 images, enlarged 4x to 64 px
+    columns = util.labelled_grid(x, 3, column_labels=["K=10", "K=25", "T=50"])
+    assert columns.size == (plain.width, 18 + plain.height)
+    assert np.array_equal(np.array(columns)[18:], np.array(plain))  # the images under an 18 px band
+    for column in range(3):  # each label over its own column: left edge 8 px, then 72 px a column
+        assert dark_pixels(columns, (8 + 72 * column, 0, 8 + 72 * column + 64, 18)) > 10
+    below = util.labelled_grid(x, 3, column_labels=["t=50", "t=25", "t=1"], labels_below=True)
+    assert np.array_equal(np.array(below)[:plain.height], np.array(plain))
+    assert dark_pixels(below, (0, plain.height, below.width, below.height)) > 30
+    rows = util.labelled_grid(x, 3, row_labels=["smiley", "animal"])
+    left = rows.width - plain.width
+    assert left > 30 and rows.height == plain.height  # room for the longest name, "animal" or "smiley"
+    assert np.array_equal(np.array(rows)[:, left:], np.array(plain))
+    for row in range(2):
+        assert dark_pixels(rows, (0, 8 + 72 * row, left, 8 + 72 * row + 64)) > 10
+    assert dark_pixels(rows, (0, 0, left, 8)) == 0
 
 
 def test_seed_everything_repeats_random_streams():
