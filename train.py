@@ -22,7 +22,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 import util
@@ -109,6 +111,9 @@ def parse_args(argv=None):
     g.add_argument("--num_samples", type=int, default=36, help="images in each sample grid")
     g.add_argument("--log_every", type=int, default=50,
                    help="append to OUT/log.csv and redraw OUT/loss.png every N steps")
+    g.add_argument("--tensorboard", action=on_off, default=False,
+                   help="also write log.csv's figures and the sample grids to OUT/tensorboard/; watch them with "
+                   "`tensorboard --logdir OUT` (pip install tensorboard)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast: auto = bf16 where the hardware has it (GPUs from Ampere on, CPUs with AVX-512 BF16 "
                    "or AMX), else fp16 with a gradient scaler on a GPU, else fp32. bf16 elsewhere is emulated: slow. "
@@ -177,10 +182,11 @@ def device_batches(dataset, args, device, step, rank, world_size):
 # Outputs
 
 
-def save_samples(ema, diffusion, config, step, device, dataset):
-    """OUT/samples/STEP.png: a grid of EMA samples drawn with 50 respaced steps (sec. 4), quick and close to the
-    quality of all T steps when the variances are learned. Class-conditional: a row per class (the first 8).
-    Super-resolution: the first training images, in rows of three: low-res input, the model's sample, original."""
+def save_samples(ema, diffusion, config, step, device, dataset, tensorboard=None):
+    """OUT/samples/STEP.png (and TensorBoard's "samples", if on): a grid of EMA samples drawn with 50 respaced
+    steps (sec. 4), quick and close to the quality of all T steps when the variances are learned. Class-conditional:
+    a row per class (the first 8). Super-resolution: the first training images, in rows of three: low-res input,
+    the model's sample, original."""
     num, nrow, model_kwargs, row_labels = config["num_samples"], None, {}, []
     size, low_res_size = config["image_size"], config["super_res_from"]
     if config["classes"]:
@@ -205,8 +211,46 @@ def save_samples(ema, diffusion, config, step, device, dataset):
         triples = torch.stack([blocky, samples.float(), originals]).unflatten(1, (-1, nrow))  # (3, rows, nrow, ...)
         samples = triples.transpose(0, 1).flatten(0, 2)  # rows in threes: low-res, sample, original
         row_labels = [f"{low_res_size}x{low_res_size}", "sample", "original"] * (num // nrow)
-    util.save_image_grid(samples, os.path.join(config["out_dir"], "samples", f"{step:06d}.png"), nrow=nrow,
-                         row_labels=row_labels)
+    path = os.path.join(config["out_dir"], "samples", f"{step:06d}.png")
+    util.save_image_grid(samples, path, nrow=nrow, row_labels=row_labels)
+    if tensorboard is not None:  # the grid as saved, labels and all: (3, H, W) uint8
+        with Image.open(path) as grid:
+            tensorboard.add_image("samples", pil_to_tensor(grid.convert("RGB")), step)
+        tensorboard.flush()
+
+
+def open_log(out_dir, step):
+    """OUT/log.csv with its header; on resume, the rows up to the checkpoint's step (a run killed after its last
+    save logged steps that this one redoes)."""
+    log_path = os.path.join(out_dir, "log.csv")
+    kept = []
+    if step and os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f.readlines()[1:] if int(line.split(",")[0]) <= step]
+    with open(log_path, "w") as f:
+        f.write(",".join(LOG_COLUMNS) + "\n" + "".join(kept))
+
+
+def open_tensorboard(out_dir, step):
+    """A SummaryWriter into OUT/tensorboard/, or None, with one line, when the tensorboard package is missing. On
+    resume, TensorBoard hides what an earlier run logged from `step` on (purge_step): this run redoes those steps."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return print("tensorboard is not installed, so no OUT/tensorboard/: pip install tensorboard", file=sys.stderr)
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=step or None)
+
+
+def write_log(row, out_dir, tensorboard):
+    """A row of log.csv (text by column), appended to OUT/log.csv and to TensorBoard (if on); loss.png redrawn."""
+    with open(os.path.join(out_dir, "log.csv"), "a") as f:
+        f.write(",".join(row[column] for column in LOG_COLUMNS) + "\n")
+    if tensorboard is not None:
+        for column in LOG_COLUMNS[1:]:
+            if row[column]:  # "": no vb, no loss scale, or every step of the interval skipped
+                tensorboard.add_scalar(f"train/{column}", float(row[column]), int(row["step"]))
+        tensorboard.flush()
+    plot_losses(os.path.join(out_dir, "log.csv"), os.path.join(out_dir, "loss.png"))
 
 
 def plot_losses(log_path, png_path):
@@ -476,29 +520,19 @@ def ranks_agree_to_stop(stop, device):
     return bool(stop.item())
 
 
-def open_log(log_path, step):
-    """log.csv with its header; on resume, the rows up to the checkpoint's step (a run killed after its last save
-    logged steps that this one redoes)."""
-    kept = []
-    if step and os.path.exists(log_path):
-        with open(log_path) as f:
-            kept = [line for line in f.readlines()[1:] if int(line.split(",")[0]) <= step]
-    with open(log_path, "w") as f:
-        f.write(",".join(LOG_COLUMNS) + "\n" + "".join(kept))
-
-
 def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, batches, dataset, step, device,
           world_size, amp_dtype):
     """The loop, from step to --max_steps (or a stop signal, or --max_minutes). Returns the last step."""
     is_main, distributed = not dist.is_initialized() or dist.get_rank() == 0, world_size > 1
-    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.csv")
+    ckpt_path, tensorboard = os.path.join(args.out_dir, "ckpt.pt"), None
 
     def save():
         if is_main:
             save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
 
     if is_main:
-        open_log(log_path, step)
+        open_log(args.out_dir, step)
+        tensorboard = open_tensorboard(args.out_dir, step) if args.tensorboard else None
     interval = LogInterval(device, step, args.max_skipped_steps if scaler.is_enabled() else 1)
     start_time, stop_reason = time.time(), "max_steps"
     progress = tqdm(total=args.max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True,
@@ -523,12 +557,10 @@ def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, b
             if is_main and (at_log_step or stop):
                 row = interval.row(step, optimizer.param_groups[0]["lr"], args.batch_size * world_size, start_time,
                                    scaler)
-                with open(log_path, "a") as f:
-                    f.write(",".join(row[column] for column in LOG_COLUMNS) + "\n")
+                write_log(row, args.out_dir, tensorboard)
                 progress.set_postfix(loss=row["loss"] or "-", img_s=row["images_per_s"])
-                plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
             if is_main and args.sample_every and step % args.sample_every == 0:
-                save_samples(ema, diffusion, config, step, device, dataset)
+                save_samples(ema, diffusion, config, step, device, dataset, tensorboard)
             if at_save_step:
                 save()
             if at_log_step:
@@ -538,7 +570,9 @@ def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, b
                 break
         save()
         if is_main and (not args.sample_every or step % args.sample_every) and stop_reason == "max_steps":
-            save_samples(ema, diffusion, config, step, device, dataset)
+            save_samples(ema, diffusion, config, step, device, dataset, tensorboard)
+    if tensorboard is not None:
+        tensorboard.close()
     if is_main:
         print(f"stopped at step {step} ({stop_reason}); checkpoint: {ckpt_path}", file=sys.stderr)
     return step

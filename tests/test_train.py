@@ -302,3 +302,30 @@ def test_dropout_outside_zero_to_one_is_refused(tmp_path):
     for bad in ("1", "-0.1"):
         with pytest.raises(SystemExit, match=f"--dropout {float(bad)} must be at least 0 and below 1"):
             train.main(["--dropout", bad, "--out_dir", str(tmp_path / "run")])
+
+
+# -- TensorBoard -----------------------------------------------------------------------------------------------
+
+
+def test_tensorboard_gets_the_logged_figures_and_the_sample_grids(images, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    run(images, out, "--max_steps", "4", "--log_every", "2", "--sample_every", "2", "--tensorboard")
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    rows = [line.split(",") for line in (out / "log.csv").read_text().splitlines()]
+    header = rows[0]
+    for column in ("loss", "mse", "vb", "lr", "grad_norm", "images_per_s"):
+        logged = [(event.step, event.value) for event in events.Scalars(f"train/{column}")]
+        assert logged == [(int(row[0]), pytest.approx(float(row[header.index(column)]), rel=1e-6)) for row in rows[1:]]
+    assert "train/loss_scale" not in events.Tags()["scalars"]  # bf16 or fp32 here: no gradient scaler, no scale
+    grids = events.Images("samples")
+    assert [image.step for image in grids] == [2, 4]
+    grid = Image.open(out / "samples" / "000004.png")
+    assert (grids[-1].width, grids[-1].height) == grid.size
+
+
+def test_tensorboard_missing_is_one_line_and_the_run_goes_on(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    assert run(images, tmp_path / "run", "--max_steps", "2", "--sample_every", "0", "--tensorboard") == 2
+    assert "tensorboard is not installed, so no OUT/tensorboard/: pip install tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "tensorboard").exists()
