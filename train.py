@@ -448,9 +448,51 @@ def start_processes(args):
     return device, rank, world_size
 
 
+def checkpoint_to_resume(out_dir, device):
+    """The checkpoint dict to resume from: OUT/ckpt.pt, or OUT/ckpt.prev.pt (the one saved before it, which
+    util.save_checkpoint keeps) when ckpt.pt is missing or damaged, said in one line; None for a new run. Exits with
+    one line, touching neither file, when neither can be resumed from."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    previous = util.previous_checkpoint(ckpt_path)
+    if not os.path.exists(ckpt_path) and not os.path.exists(previous):
+        return None
+
+    def load(path):
+        """(the checkpoint at path, None), or (None, the one-line reason it cannot be resumed from)."""
+        try:
+            checkpoint = util.load_checkpoint(path, map_location=device)
+        except (FileNotFoundError, ValueError) as error:
+            return None, str(error)
+        if not isinstance(checkpoint, dict) or not {"model", "ema", "optimizer", "scaler", "diffusion", "step",
+                                                   "config", "rng"} <= checkpoint.keys():
+            return None, f"{path} is not a checkpoint made by this project's train.py"
+        return checkpoint, None
+
+    checkpoint, error = load(ckpt_path)
+    if not error:
+        return checkpoint
+    if not os.path.exists(previous):
+        raise SystemExit(f"error: {error}; move it away to start a new run in {out_dir}")
+    # ckpt.pt is damaged, or a kill came between save_checkpoint's two renames: resume from the one before it
+    problem = "is damaged or unreadable" if os.path.exists(ckpt_path) else "is missing"
+    checkpoint, previous_error = load(previous)
+    if previous_error:
+        raise SystemExit(f"error: {ckpt_path} {problem}, and {previous}, the checkpoint saved before it, cannot be "
+                         f"resumed from either ({previous_error}); neither was changed: copy a good checkpoint "
+                         f"to {ckpt_path} to resume, or move both away to start a new run in {out_dir}")
+    kept = ""
+    if os.path.exists(ckpt_path) and (not dist.is_initialized() or dist.get_rank() == 0):
+        # moved aside, so that the next save does not make the damaged file ckpt.prev.pt in place of the good one
+        kept = f" (the damaged file is kept as {ckpt_path}.damaged)"
+        os.replace(ckpt_path, ckpt_path + ".damaged")
+    print(f"{ckpt_path} {problem}: resuming from {previous}, the checkpoint saved before it, at step "
+          f"{checkpoint['step']}{kept}", file=sys.stderr)
+    return checkpoint
+
+
 def build_or_resume(args, config, device, amp_dtype):
-    """(model, EMA, process, optimiser, scaler, checkpoint): new ones, or those of OUT/ckpt.pt when it exists
-    (checkpoint is then its dict, else None)."""
+    """(model, EMA, process, optimiser, scaler, checkpoint): new ones, or those of checkpoint_to_resume (checkpoint
+    is then its dict, else None)."""
     model, diffusion = util.build_model_and_diffusion(config)
     model.to(device)
     diffusion.to(device)
@@ -459,21 +501,17 @@ def build_or_resume(args, config, device, amp_dtype):
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # the weights we sample from (EMA, sec. 4 of DDPM)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
+    checkpoint = checkpoint_to_resume(args.out_dir, device)
+    if checkpoint is None:
         return model, ema, diffusion, optimizer, scaler, None
-    try:
-        checkpoint = util.load_checkpoint(ckpt_path, map_location=device)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}; move it away to start a new run in {args.out_dir}") from None
     # older checkpoints: no classes, no super-resolution, DDPM's GroupNorm rule
     trained = {"class_cond": False, "classes": None, "super_res_from": None, "min_group_channels": 1,
                **checkpoint["config"]}
     changed = [f"--{k} {trained.get(k)} (now {config[k]})" for k in ARCHITECTURE
                if trained.get(k) != config[k] and str(trained.get(k)) != str(config[k])]
     if changed:
-        raise SystemExit(f"{ckpt_path} was trained with {', '.join(changed)}: pass the same flags to resume, "
-                         f"or a new --out_dir to start another run")
+        raise SystemExit(f"the checkpoint in {args.out_dir} was trained with {', '.join(changed)}: pass the same "
+                         f"flags to resume, or a new --out_dir to start another run")
     for name, module in (("model", model), ("ema", ema), ("optimizer", optimizer), ("scaler", scaler),
                          ("diffusion", diffusion)):
         module.load_state_dict(checkpoint[name])
@@ -481,7 +519,8 @@ def build_or_resume(args, config, device, amp_dtype):
 
 
 def save_checkpoint(path, model, ema, optimizer, scaler, diffusion, step, config, device):
-    """Write path atomically (util.save_checkpoint), and never from weights that are not finite."""
+    """Write path atomically, keeping the checkpoint it replaces as OUT/ckpt.prev.pt (util.save_checkpoint), and
+    never from weights that are not finite."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         return print(f"weights are not finite at step {step}: kept the last good {path}", file=sys.stderr)
     util.save_checkpoint(dict(
