@@ -1,5 +1,6 @@
 #!/bin/sh
-# The 64x64 anime-faces recipe, for one 24 GB GPU or several:
+# The 64x64 anime-faces recipe, for one GPU of 16 GB or more, or several (an estimated 13 GiB a GPU; smaller cards:
+# add --microbatch 32 or --checkpointing, see the README):
 #
 #     python util.py prepare ~/Downloads/anime-faces --out AnimeFaces64 --size 64    # once
 #     sh train.sh [more train.py flags, which override the ones below]
@@ -55,8 +56,8 @@ else
 fi
 
 # Improved DDPM's 64x64 U-Net (sec. 2.5 of the paper; 92M parameters) with the hybrid loss, cosine schedule and
-# learned variances. Batch 64 per GPU; see the README for its memory and speed. --batch_size and --lr are the
-# first things to change on a smaller GPU: halve both.
+# learned variances. Batch 64 per GPU; see the README for its memory and speed. On a smaller GPU keep the recipe
+# and add --microbatch 32 (or 16) or --checkpointing: the same steps in less memory.
 touch "$OUT/train.log"
 log_start=$(($(wc -l < "$OUT/train.log") + 1))  # the log is appended to: this run's lines start here
 nohup $LAUNCH train.py \
