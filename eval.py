@@ -12,8 +12,9 @@ Everything goes into --out (default: eval/ beside the checkpoint):
                       frame labelled with the step's t (1-based, T ... 1): x_{t-1}, what the step from x_t made
     pred_x0/N.png     the network's estimate of the final image, x^_0, from x_t at the same steps
     denoise.gif       the grid forming, step by step
-    steps.png         the same starting noise sampled with K = 10, 25, 50, 100 and all T steps, a column per K:
-                      learned variances keep most of the quality at few steps (sec. 4)
+    steps.png         the same starting noise sampled with K = 10, 25, 50, 100 and all T steps, a column per K,
+                      none above --steps (so that --steps bounds the time): learned variances keep most of the
+                      quality at few steps (sec. 4)
     guidance.png      class-conditional models: a row per class, the same noise at guidance w = 0, 1, 3, 5
                       (100 steps, or --steps); their grid has a row per class
     superres.png      super-resolution models: rows of low-res | bicubic | model | original for images of
@@ -156,10 +157,10 @@ def make_pictures(diffusion, model, config, dataset, args, device, amp_dtype, ou
 def save_steps_comparison(diffusion, sampler, noise, model_kwargs, steps, samples, args, device, amp_dtype, path,
                           row_labels):
     """steps.png, the paper's sec. 4 in one picture: every column starts from the same x_T = noise and samples
-    with K = 10, 25, 50, 100 and T steps. samples: those already drawn with `steps` steps. row_labels: each row's
-    class, or nothing."""
+    with K = 10, 25, 50, 100 and T steps, but never more than `steps` (--steps, or T): on a CPU, T steps of a large
+    model take hours. samples: those already drawn with `steps` steps. row_labels: each row's class, or nothing."""
     T = diffusion.num_timesteps
-    counts = sorted({k for k in STEPS_COMPARED if k < T} | {T})
+    counts = sorted({k for k in STEPS_COMPARED if k < steps} | {steps})
     columns = []
     for k in counts:
         if k == steps:

@@ -163,6 +163,8 @@ def test_eval_steps_and_seed_decide_the_pictures(run_dir, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "a" / "grid.png"), pixels(tmp_path / "c" / "grid.png"))
     assert Image.open(tmp_path / "a" / "process" / "1.png").size == (4 * (2 + 5 * (SIZE + 2)), 4 * (SIZE + 4) + 18)
     assert Image.open(tmp_path / "a" / "denoise.gif").n_frames == 5
+    # steps.png: no column above --steps (K = 10, 25 and T = 50 are left out), so one column, K = 5
+    assert Image.open(tmp_path / "a" / "steps.png").size == (4 * (2 + SIZE + 2), 18 + 4 * (2 + 8 * (SIZE + 2)))
 
 
 def nll_of(ckpt, data_dir, out, capsys):
