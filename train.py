@@ -94,7 +94,8 @@ def parse_args(argv=None):
     g.add_argument("--max_steps", type=int, default=2000,
                    help="stop after this many optimiser steps in all (counts across resumes)")
     g.add_argument("--max_minutes", type=float, default=0,
-                   help="also stop after this many minutes of this run (0 = no limit): a rented-GPU budget")
+                   help="also save and stop after this many minutes of this process (0 = no limit; the clock "
+                        "starts again at each resume): a rented-GPU budget")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and noise")
     g = p.add_argument_group("memory: the same training in less GPU memory, for more compute (see the README's table)")
     g.add_argument("--microbatch", type=int, default=None, metavar="M",

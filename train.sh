@@ -1,8 +1,8 @@
 #!/bin/sh
-# The 64x64 anime-faces recipe, for one GPU of 16 GB or more, or several (an estimated 13 GiB a GPU; smaller cards:
-# add --microbatch 32 or --checkpointing, see the README):
+# The 64x64 anime-faces recipe, as it is for GPUs of 24 GB or more, one or several (an estimated 13 GiB a GPU;
+# 12-16 GB: add --microbatch 32; 8 GB: --microbatch 16 or --checkpointing; see the README):
 #
-#     python util.py prepare ~/Downloads/anime-faces --out AnimeFaces64 --size 64    # once
+#     python util.py prepare ~/Downloads/animefacedataset --out AnimeFaces64 --size 64    # once
 #     sh train.sh [more train.py flags, which override the ones below]
 #     tail -f runs/anime64/train.log
 #
@@ -55,9 +55,10 @@ else
     LAUNCH=$PYTHON
 fi
 
-# Improved DDPM's 64x64 U-Net (sec. 2.5 of the paper; 92M parameters) with the hybrid loss, cosine schedule and
-# learned variances. Batch 64 per GPU; see the README for its memory and speed. On a smaller GPU keep the recipe
-# and add --microbatch 32 (or 16) or --checkpointing: the same steps in less memory.
+# Improved DDPM's ImageNet 64x64 U-Net (App. A of the paper) with 2 residual blocks a level instead of 3 (92M
+# parameters), T = 1000 instead of 4000 and batch 64 per GPU instead of 128; the hybrid loss, cosine schedule and
+# learned variances. On a smaller GPU keep the recipe and add --microbatch 32 (or 16) or --checkpointing: the
+# same steps in less memory. Extra flags are not remembered: a restart runs with the flags it is given.
 touch "$OUT/train.log"
 log_start=$(($(wc -l < "$OUT/train.log") + 1))  # the log is appended to: this run's lines start here
 nohup $LAUNCH train.py \
