@@ -64,7 +64,8 @@ def test_fp16_training_saves_a_finite_scaler_state_and_resumes_exactly(images, t
     run(images, tmp_path / "straight", "--max_steps", "4", *flags)
     run(images, tmp_path / "resumed", "--max_steps", "2", *flags)
     run(images, tmp_path / "resumed", "--max_steps", "4", *flags)
-    a, b = util.load_checkpoint(tmp_path / "straight" / "ckpt.pt"), util.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    a = util.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = util.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert a["config"]["precision"] == "fp16"
     scale = a["scaler"]["scale"]
     assert 0 < scale < float("inf") and scale == 2.0 ** 16  # no overflow in 4 steps: the initial scale, kept
