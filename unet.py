@@ -237,7 +237,8 @@ class UNet(nn.Module):
 
         # learn_sigma: the extra in_channels outputs are v, which interpolates the log-variance (eq. 15)
         out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.out = nn.Sequential(group_norm(ch, min_group_channels), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch, min_group_channels), nn.SiLU(),
+                                 zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def forward(self, x, t, y=None, low_res=None):
         assert (y is not None) == (self.num_classes is not None), "pass y exactly when the model is class-conditional"
