@@ -1,7 +1,7 @@
 """
 Train an Improved DDPM (Nichol & Dhariwal 2021) on a folder of numbered PNGs 1.png ... N.png.
 
-    python train.py        # the CPU demo on the bundled emoji, 32x32: on 2 cores about 10 minutes with AVX-512
+    python train.py        # the CPU demo on the bundled emoji, 32x32: on 2 cores about 12 minutes with AVX-512
                            # BF16 or AMX, about 35 with AVX2 only
     sh train.sh            # the 64x64 anime-faces recipe, in the background, on every GPU there is
     torchrun --standalone --nproc_per_node=gpu train.py --data_dir AnimeFaces64 --out_dir runs/anime64 ...
