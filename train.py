@@ -25,7 +25,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
@@ -217,10 +216,9 @@ def save_samples(ema, diffusion, config, step, device, dataset, tensorboard=None
         samples = triples.transpose(0, 1).flatten(0, 2)  # rows in threes: low-res, sample, original
         row_labels = [f"{low_res_size}x{low_res_size}", "sample", "original"] * (num // nrow)
     path = os.path.join(config["out_dir"], "samples", f"{step:06d}.png")
-    util.save_image_grid(samples, path, nrow=nrow, row_labels=row_labels)
+    grid = util.save_image_grid(samples, path, nrow=nrow, row_labels=row_labels)
     if tensorboard is not None:  # the grid as saved, labels and all: (3, H, W) uint8
-        with Image.open(path) as grid:
-            tensorboard.add_image("samples", pil_to_tensor(grid.convert("RGB")), step)
+        tensorboard.add_image("samples", pil_to_tensor(grid), step)
         tensorboard.flush()
 
 

@@ -75,12 +75,14 @@ def to_uint8(x):
 
 def save_image_grid(x, path, nrow=None, column_labels=(), row_labels=(), labels_below=False):
     """x: (B, C, H, W) in [-1, 1] -> one PNG with the B images in a grid, nrow images per row (default ~square),
-    labelled as labelled_grid says if labels are given."""
+    labelled as labelled_grid says if labels are given. Returns the grid, an RGB PIL image."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if column_labels or row_labels:
-        labelled_grid(x, nrow, column_labels, row_labels, labels_below).save(path)
+        grid = labelled_grid(x, nrow, column_labels, row_labels, labels_below)
     else:
-        image_grid(x, nrow).save(path)
+        grid = image_grid(x, nrow)
+    grid.save(path)
+    return grid
 
 
 def image_grid(x, nrow=None):
