@@ -6,11 +6,7 @@ Reverse process  p(x_{t-1} | x_t) = N(mu(x_t, t), Sigma(x_t, t))                
 The network predicts the noise eps (-> mu, eq. 10-11) and a per-pixel value v that interpolates
 log Sigma between log beta_t and log beta~_t (eq. 15). It is trained on L_hybrid = L_simple + 0.001 L_vlb
 (eq. 16), optionally with importance-sampled timesteps (eq. 18), and sampled with any number of steps (sec. 4)
-by ancestral sampling or DDIM.
-
-Indices are 0-based: t = 0 is the first noising step (the paper's t = 1), t = T-1 the last.
-Schedule arrays are float64; they are cast to the data's precision (at least float32) where they are used, so
-the loss and posterior arithmetic never run in bf16/fp16 even when the network does.
+by ancestral sampling or DDIM. Indices are 0-based: t = 0 is the first noising step (the paper's t = 1).
 """
 import math
 
@@ -21,10 +17,6 @@ from tqdm import tqdm
 
 HISTORY_PER_TERM = 10  # sec. 3.3: keep the last 10 losses of every t for importance sampling
 UNIFORM_SHARE = 0.001  # sec. 3.3: mix a little of the uniform distribution into p_t
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Schedules and Gaussian helpers
 
 
 def make_betas(noise_schedule, num_timesteps):
@@ -50,23 +42,16 @@ def schedule_arrays(betas):
     alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=betas.dtype, device=betas.device), alphas_cumprod[:-1]])
     # posterior q(x_{t-1} | x_t, x_0), DDPM eq. 6-7
     posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
-    # beta~_0 = 0 would give log(0): clip the first entry to beta~_1 (the decoder at t = 0 needs a finite log)
-    posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
     return dict(
-        betas=betas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        # sqrt(abar) and sqrt(1 - abar) taken here in float64: near t = 0, 1 - abar is ~1e-4 and forming it from a
-        # float32 abar would lose about four of float32's seven digits in x^_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-        sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=torch.sqrt(1 - alphas_cumprod),
-        sqrt_alphas_cumprod_prev=torch.sqrt(alphas_cumprod_prev),
-        one_minus_alphas_cumprod_prev=1 - alphas_cumprod_prev,
+        betas=betas, log_betas=torch.log(betas), alphas_cumprod=alphas_cumprod,
+        # in float64: near t = 0, 1 - abar ~ 1e-4, and forming it in float32 would lose 4 of its 7 digits in x^_0
+        sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod), sqrt_one_minus_alphas_cumprod=torch.sqrt(1 - alphas_cumprod),
+        sqrt_alphas_cumprod_prev=torch.sqrt(alphas_cumprod_prev), one_minus_alphas_cumprod_prev=1 - alphas_cumprod_prev,
         posterior_variance=posterior_variance,
-        posterior_log_variance=posterior_log_variance,
+        # beta~_0 = 0 would give log(0): clip the first entry to beta~_1 (the decoder at t = 0 needs a finite log)
+        posterior_log_variance=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
         posterior_mean_coef_x0=betas * torch.sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod),
         posterior_mean_coef_xt=(1 - alphas_cumprod_prev) * torch.sqrt(1 - betas) / (1 - alphas_cumprod),
-        log_betas=torch.log(betas),
         # the fixed "large" variance of DDPM: Sigma = beta_t, with beta~_1 at t = 0 where beta_0 is too small
         fixed_log_variance=torch.log(torch.cat([posterior_variance[1:2], betas[1:]])),
     )
@@ -79,36 +64,36 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log p(x) in nats, elementwise, of data x in [-1, 1] quantised to 256 levels (bins of width 2/255) under
-    N(means, exp(log_scales)^2); the edge bins extend to -inf and +inf so the 256 probabilities sum to 1
-    (DDPM sec. 3.3, eq. 13)."""
+    N(means, exp(log_scales)^2) (DDPM sec. 3.3, eq. 13)."""
     inv_std = torch.exp(-log_scales)
     cdf_upper = torch.special.ndtr(inv_std * (x - means + 1 / 255))
     cdf_lower = torch.special.ndtr(inv_std * (x - means - 1 / 255))
-    log_cdf_upper = torch.log(cdf_upper.clamp(min=1e-12))  # the bin (-inf, x + 1/255] at x = -1
-    log_one_minus_cdf_lower = torch.log((1 - cdf_lower).clamp(min=1e-12))  # the bin [x - 1/255, inf) at x = 1
-    log_bin = torch.log((cdf_upper - cdf_lower).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_bin))
+    # the edge bins extend to -inf (at x = -1) and +inf (at x = 1), so the 256 probabilities sum to 1
+    probability = torch.where(x < -0.999, cdf_upper, torch.where(x > 0.999, 1 - cdf_lower, cdf_upper - cdf_lower))
+    return torch.log(probability.clamp(min=1e-12))
 
 
-def mean_flat(x):
-    """Mean over every dimension but the batch: (B, ...) -> (B,)."""
+def mean_flat(x):  # the mean over every dimension but the batch: (B, ...) -> (B,)
     return x.mean(dim=tuple(range(1, x.dim())))
 
 
-def at_least_float32(x):
-    """Loss and posterior arithmetic stays in float32 (or float64) even when the network ran in bf16/fp16."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def at(array, t, x):
-    """array[t] for a batch of timesteps t, shaped (B, 1, 1, 1) to broadcast against x, in x's precision
-    (at least float32)."""
+    """array[t] for a batch of timesteps t, (B, 1, 1, 1) to broadcast against x, in x's precision but at least
+    float32: the float64 schedule never meets bf16/fp16 arithmetic."""
     values = array.to(t.device)[t].to(torch.promote_types(x.dtype, torch.float32))
     return values.view(-1, *([1] * (x.dim() - 1)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The process
+def run_model(model, x_t, t, model_kwargs):
+    """model(x_t, t, **model_kwargs), in at least float32 even when the network ran in bf16/fp16."""
+    output = model(x_t, t, **(model_kwargs or {}))
+    return output.to(torch.promote_types(output.dtype, torch.float32))
+
+
+def all_gather_cat(x):  # every rank's x, concatenated in rank order
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x)
+    return torch.cat(gathered)
 
 
 class GaussianDiffusion(nn.Module):
@@ -117,17 +102,14 @@ class GaussianDiffusion(nn.Module):
         super().__init__()
         if loss_type not in ("mse", "hybrid", "kl"):
             raise ValueError(f"unknown loss_type {loss_type!r}: use 'mse', 'hybrid' or 'kl'")
-        self.num_timesteps = num_timesteps
-        self.learn_sigma = learn_sigma
-        self.loss_type = loss_type
-        self.importance_sampling = importance_sampling
+        self.num_timesteps, self.learn_sigma = num_timesteps, learn_sigma
+        self.loss_type, self.importance_sampling = loss_type, importance_sampling
         # The schedule is rebuilt from the config: buffers so it follows .to(device), but not in the state_dict.
         schedule = schedule_arrays(make_betas(noise_schedule, num_timesteps))
         for name, array in schedule.items():
             self.register_buffer(name, array, persistent=False)
         self.schedule_names = list(schedule)
-        # Importance sampling (sec. 3.3): a ring buffer of the last 10 losses of every t and how many were seen.
-        # Buffers in the state_dict, so a resumed run samples t exactly as the interrupted one would have.
+        # sec. 3.3: a ring buffer of the last 10 losses of every t and their count, in the state_dict for exact resume
         self.register_buffer("loss_history", torch.zeros(num_timesteps, HISTORY_PER_TERM, dtype=torch.float64))
         self.register_buffer("loss_counts", torch.zeros(num_timesteps, dtype=torch.int64))
 
@@ -150,8 +132,6 @@ class GaussianDiffusion(nn.Module):
         previous = torch.cat([torch.ones_like(alphas_cumprod[:1]), alphas_cumprod[:-1]])
         return timesteps, schedule_arrays(1 - alphas_cumprod / previous)
 
-    # -- forward process and its posterior -------------------------------------------------------------------
-
     def q_sample(self, x0, t, noise=None):
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)  (DDPM eq. 4)."""
         if noise is None:
@@ -166,18 +146,14 @@ class GaussianDiffusion(nn.Module):
         log_variance = at(arrays["posterior_log_variance"], t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
-    # -- reverse process -------------------------------------------------------------------------------------
-
     def p_mean_variance(self, model, x_t, t, clip_denoised=True, model_kwargs=None):
         """Mean and variance of p(x_{t-1} | x_t) and the predicted x_0, from one call of the network."""
-        model_output = model(x_t, t, **(model_kwargs or {}))
-        return self.output_to_distribution(model_output, x_t, t, clip_denoised)
+        return self.output_to_distribution(run_model(model, x_t, t, model_kwargs), x_t, t, clip_denoised)
 
     def output_to_distribution(self, model_output, x_t, t, clip_denoised, arrays=None):
         """The network's output (B, 2C, H, W) = [eps, u] (or (B, C, H, W) = eps) -> p(x_{t-1} | x_t).
         `t` indexes `arrays` (those of a respaced process when sampling with fewer steps)."""
         arrays = arrays or self.arrays()
-        model_output = at_least_float32(model_output)
         C = x_t.shape[1]
         eps = model_output[:, :C]
         if self.learn_sigma:
@@ -196,8 +172,6 @@ class GaussianDiffusion(nn.Module):
         mean, _, _ = self.q_posterior(pred_x0, x_t, t, arrays)  # DDPM eq. 7 with x_0 replaced by its estimate
         return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_x0=pred_x0)
 
-    # -- training --------------------------------------------------------------------------------------------
-
     def vb_terms(self, model_output, x0, x_t, t, clip_denoised=False):
         """L_t of the variational bound in bits/dim, (B,): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
         the discretized decoder NLL -log p(x_0 | x_1) for t = 0  (DDPM eq. 5, Improved DDPM eq. 4-6)."""
@@ -212,7 +186,7 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        model_output = at_least_float32(model(x_t, t, **(model_kwargs or {})))  # (B, 2C or C, H, W)
+        model_output = run_model(model, x_t, t, model_kwargs)  # (B, 2C or C, H, W)
         C = x0.shape[1]
         mse = mean_flat((noise - model_output[:, :C]) ** 2)  # L_simple, DDPM eq. 14
         if self.loss_type == "kl":
@@ -229,10 +203,8 @@ class GaussianDiffusion(nn.Module):
         vb_weight = self.num_timesteps / 1000 if self.loss_type == "hybrid" else 1.0
         return dict(loss=mse + vb_weight * vb, mse=mse, vb=vb)
 
-    # -- importance sampling of t (sec. 3.3, eq. 18) ---------------------------------------------------------
-
     def sample_timesteps(self, batch_size, device):
-        """t (B,) and weights (B,) with E[weight * L_t] = the uniform mean of L_t."""
+        """Importance sampling (sec. 3.3, eq. 18): t (B,) and weights (B,) with E[weight * L_t] = the uniform mean."""
         T = self.num_timesteps
         if not self.importance_sampling:
             return torch.randint(0, T, (batch_size,), device=device), torch.ones(batch_size, device=device)
@@ -248,9 +220,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def update_loss_history(self, t, losses):
-        """Record per-example losses of a batch. Under torch.distributed every rank records all ranks' losses,
-        so every rank keeps the same history and draws t from the same distribution. A loss that is not finite (an
-        fp16 overflow, say) is left out: one would make p_t NaN for the rest of the run."""
+        """Record a batch's per-example losses. Under torch.distributed every rank records all ranks' losses, so
+        all draw t alike. A loss that is not finite (an fp16 overflow) is left out: it would make p_t NaN for good."""
         t, losses = t.to(self.loss_history.device), losses.detach().to(self.loss_history)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             t, losses = all_gather_cat(t), all_gather_cat(losses)
@@ -266,29 +237,24 @@ class GaussianDiffusion(nn.Module):
         history.copy_(torch.where(latest >= 0, losses[latest.clamp(min=0)], history))
         self.loss_counts.index_add_(0, t, finite.long())
 
-    # -- sampling --------------------------------------------------------------------------------------------
-
     @torch.no_grad()
     def sample_progressive(self, model, shape, steps=None, ddim=False, eta=0.0, noise=None, clip_denoised=True,
                            model_kwargs=None, device=None, progress=False, generator=None):
-        """Run the reverse process from x_T ~ N(0, I), yielding dict(t, x, pred_x0) after every step.
-        steps < T samples a respaced process (sec. 4); ddim=True uses DDIM's update (Song et al. 2020, eq. 12).
-        generator (a torch.Generator on the sampling device) draws x_T and every step's noise, so a sample depends
-        on its own seed only; without one they come from the global random stream."""
-        if noise is not None:
-            device = noise.device
-        elif device is None:
+        """The reverse process from x_T = noise or ~ N(0, I), yielding dict(t, x, pred_x0) after every step. steps < T
+        samples a respaced process (sec. 4); ddim=True uses DDIM's update (Song et al. 2020, eq. 12). generator (on the
+        sampling device; None: the global stream) draws x_T and every step's noise. device: None for the model's."""
+        if noise is None and device is None:
             parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
             device = next(parameters, torch.empty(0)).device
-        x = noise if noise is not None else torch.randn(*shape, device=device, generator=generator)  # x_T
+        x = torch.randn(*shape, device=device, generator=generator) if noise is None else noise  # x_T
+        device, B = x.device, x.shape[0]
         timesteps, arrays = self.schedule(steps)
         timesteps = timesteps.to(device)
-        B = x.shape[0]
         indices = reversed(range(len(timesteps)))
         for i in tqdm(indices, total=len(timesteps), desc="sampling", disable=not progress, leave=False):
             step = torch.full((B,), i, device=device, dtype=torch.long)  # index into the respaced arrays
             t = timesteps[step]  # the original timestep, which is what the network was trained on
-            p = self.output_to_distribution(model(x, t, **(model_kwargs or {})), x, step, clip_denoised, arrays)
+            p = self.output_to_distribution(run_model(model, x, t, model_kwargs), x, step, clip_denoised, arrays)
             not_last = float(i > 0)  # no noise is added when producing x_0
             if ddim:
                 # DDIM: recompute eps from the clipped x_0 so that x_{t-1} stays consistent with it
@@ -304,29 +270,23 @@ class GaussianDiffusion(nn.Module):
                     x.shape, device=device, generator=generator)
             yield dict(t=t, x=x, pred_x0=p["pred_x0"])
 
-    @torch.no_grad()
-    def sample(self, model, shape, steps=None, ddim=False, eta=0.0, noise=None, clip_denoised=True,
-               model_kwargs=None, device=None, progress=False, generator=None):
-        """Samples x_0 in [-1, 1] of the given shape (B, C, H, W)."""
-        for out in self.sample_progressive(model, shape, steps, ddim, eta, noise, clip_denoised, model_kwargs,
-                                           device, progress, generator):
+    def sample(self, model, shape, **kwargs):
+        """Samples x_0 in [-1, 1] of the given shape (B, C, H, W); kwargs as for sample_progressive."""
+        for out in self.sample_progressive(model, shape, **kwargs):
             x = out["x"]
         return x.clamp(-1, 1)
 
-    # -- evaluation ------------------------------------------------------------------------------------------
-
     @torch.no_grad()
     def bpd(self, model, x0, clip_denoised=True, model_kwargs=None, progress=None):
-        """The full variational bound in bits/dim (the paper's NLL, e.g. 2.94 on CIFAR-10): every L_t, t = 0..T-1,
-        each on a fresh x_t ~ q(x_t | x_0), plus the prior term L_T = KL(q(x_T | x_0) || N(0, I)).
-        progress: a tqdm bar to advance by B at every t (one bar over many batches), or None."""
+        """The full variational bound in bits/dim (the paper's NLL): every L_t, t = 0..T-1, each on a fresh x_t, plus
+        the prior term L_T = KL(q(x_T | x_0) || N(0, I)). progress: None or a tqdm bar to advance by B at every t."""
         B, T = x0.shape[0], self.num_timesteps
         vb, mse = torch.zeros(B, T, device=x0.device), torch.zeros(B, T, device=x0.device)
         for step in range(T):
             t = torch.full((B,), step, device=x0.device, dtype=torch.long)
             noise = torch.randn_like(x0)
             x_t = self.q_sample(x0, t, noise)
-            model_output = at_least_float32(model(x_t, t, **(model_kwargs or {})))
+            model_output = run_model(model, x_t, t, model_kwargs)
             vb[:, step] = self.vb_terms(model_output, x0, x_t, t, clip_denoised)
             mse[:, step] = mean_flat((noise - model_output[:, :x0.shape[1]]) ** 2)
             if progress is not None:
@@ -334,17 +294,14 @@ class GaussianDiffusion(nn.Module):
         last = torch.full((B,), T - 1, device=x0.device, dtype=torch.long)
         mean = at(self.sqrt_alphas_cumprod, last, x0) * x0
         log_variance = 2 * torch.log(at(self.sqrt_one_minus_alphas_cumprod, last, x0))
-        prior = normal_kl(mean, log_variance, torch.zeros_like(x0), torch.zeros_like(x0))
-        prior_bpd = mean_flat(prior) / math.log(2)
+        prior_bpd = mean_flat(normal_kl(mean, log_variance, torch.zeros_like(x0), torch.zeros_like(x0))) / math.log(2)
         return dict(total_bpd=vb.sum(dim=1) + prior_bpd, prior_bpd=prior_bpd, vb=vb, mse=mse)
 
 
 def classifier_free_guidance(model, guidance, null_label):
-    """A model whose eps is guided toward the class y (Ho & Salimans 2022, eq. 6):
-    eps = (1 + w) eps(x_t, y) - w eps(x_t, no class), with both evaluated in one batch of 2B. The learned
-    variance channels are the conditional model's, unguided: guidance moves the mean, and the conditional v still
-    says how uncertain the step is (a choice; the guidance paper fixes the variances). guidance = 0 returns model
-    itself, so that it is plain conditional sampling exactly."""
+    """A model whose eps is guided toward the class y (Ho & Salimans 2022, eq. 6): eps = (1 + w) eps(x_t, y) -
+    w eps(x_t, no class), both in one batch of 2B. The variance channels stay the conditional model's (a choice; the
+    guidance paper fixes the variances). guidance = 0 returns model itself: plain conditional sampling exactly."""
     if guidance == 0:
         return model
 
@@ -356,10 +313,3 @@ def classifier_free_guidance(model, guidance, null_label):
         return torch.cat([eps, conditional[:, C:]], dim=1)
 
     return guided
-
-
-def all_gather_cat(x):
-    """Concatenate a tensor of the same shape from every rank, in rank order (identical on every rank)."""
-    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, x)
-    return torch.cat(gathered)
