@@ -130,8 +130,8 @@ class EmbedSequential(nn.Sequential):
 
 class UNet(nn.Module):
     """x (B, in_channels, H, W), t (B,) int64 timesteps, y (B,) int64 labels iff num_classes is set (num_classes itself:
-    "no class", classifier-free guidance's null label), low_res (B, cond_channels, H, W) iff cond_channels > 0 (the
-    super-resolution input, enlarged to H x W) -> [eps, v] (B, 2*in_channels, H, W) if learn_sigma, else eps.
+    "no class", classifier-free guidance's null label), low_res (B, cond_channels, h, w) iff cond_channels > 0 (the
+    super-resolution input, enlarged here to H x W) -> [eps, v] (B, 2*in_channels, H, W) if learn_sigma, else eps.
     attention_resolutions: the feature-map sizes with attention, counted for an image_size x image_size input."""
 
     def __init__(self, image_size=64, in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
@@ -196,7 +196,8 @@ class UNet(nn.Module):
             emb = emb + self.label_embed(y)
         emb = F.silu(emb)  # every ResBlock's emb_proj starts with this SiLU in the paper's code; do it once
 
-        if low_res is not None:  # super-resolution, as the reference code's SuperResModel: beside x_t
+        if low_res is not None:  # super-resolution, as the reference code's SuperResModel: enlarge, then put beside x_t
+            low_res = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, low_res], dim=1)  # (B, in_channels + cond_channels, H, W)
         checkpointing = self.checkpointing and torch.is_grad_enabled()  # sampling keeps nothing for a backward
         h = self.input_conv(x)  # (B, base, H, W)

@@ -220,3 +220,39 @@ def test_dropout_is_seeded_and_off_in_eval_mode():
     assert torch.equal(dropout(x), first)  # the global seed decides the mask: runs are reproducible
     assert not torch.equal(dropout(x), first)
     assert dropout.eval()(x) is x
+
+
+def bilinear_by_hand(image, size):
+    """(B, C, s, s) -> (B, C, size, size): output pixel i sits at input coordinate (i + 1/2) s / size - 1/2 (pixel
+    centres aligned), clamped to the image, and mixes its two neighbours by distance, along rows then columns."""
+    s = image.shape[-1]
+    position = ((torch.arange(size) + 0.5) * s / size - 0.5).clamp(0, s - 1)
+    below = position.floor().long()
+    above = (below + 1).clamp(max=s - 1)
+    weight = position - below  # (size,)
+    rows = image[..., below, :] * (1 - weight)[:, None] + image[..., above, :] * weight[:, None]  # (B, C, size, s)
+    return rows[..., below] * (1 - weight) + rows[..., above] * weight
+
+
+@pytest.mark.parametrize("low_size", [4, 5, 16])
+def test_low_res_comes_at_its_own_size_and_the_network_enlarges_it_bilinearly(low_size):
+    """Super-resolution: low_res (B, 3, S, S) is enlarged to x's H x W inside the network (bilinear, pixel centres
+    aligned, as the reference code's SuperResModel) and put beside x_t; at S = H it goes in unchanged."""
+    torch.manual_seed(0)
+    model = perturbed(UNet(image_size=16, cond_channels=3, **SMALL)).eval()
+    seen = []
+    model.input_conv.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    low_res = torch.rand(2, 3, low_size, low_size) * 2 - 1
+    enlarged = bilinear_by_hand(low_res, 16)
+    out = model(x, t, low_res=low_res)
+    assert out.shape == (2, 6, 16, 16) and out.abs().max() > 0.1
+    assert seen[0].shape == (2, 6, 16, 16) and torch.equal(seen[0][:, :3], x)
+    assert torch.allclose(seen[0][:, 3:], enlarged, rtol=0, atol=1e-6)
+    assert torch.allclose(model(x, t, low_res=enlarged), out, rtol=0, atol=1e-5)  # as if enlarged by the caller
+    assert torch.equal(seen[1][:, 3:], enlarged)  # an image already at x's size is not changed
+    if low_size == 16:
+        assert torch.equal(out, model(x, t, low_res=enlarged))
+    colour = torch.tensor([0.5, -0.25, 0.75]).view(1, 3, 1, 1)
+    model(x, t, low_res=colour.expand(2, 3, low_size, low_size))
+    assert torch.allclose(seen[-1][:, 3:], colour.expand(2, 3, 16, 16), rtol=0, atol=1e-6)  # a constant stays constant
