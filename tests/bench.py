@@ -274,7 +274,7 @@ def bench_loader(repeats):
         rng = np.random.default_rng(0)
         for n in range(1, 513):
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(os.path.join(folder, f"{n}.png"))
-        dataset = util.NumberedImages(folder, 64)
+        dataset = util.NumberedImages(folder, 64, mirror=True)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                              sampler=train.ShuffleForever(len(dataset), 0),
                                              num_workers=args.num_workers, drop_last=True)

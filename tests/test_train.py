@@ -41,7 +41,8 @@ def run(data_dir, out_dir, *flags):
 # -- data ------------------------------------------------------------------------------------------------------
 
 def test_dataset_yields_images_in_range_and_their_mirrors(images):
-    dataset = util.NumberedImages(images, 16)
+    assert len(util.NumberedImages(images, 16)) == 12  # sample.py and eval.py: the images as they are
+    dataset = util.NumberedImages(images, 16, mirror=True)  # train.py: and their mirrors
     assert len(dataset) == 2 * 12
     x = dataset[3]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
