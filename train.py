@@ -384,7 +384,7 @@ def start_processes(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    util.seed_everything(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # the CPU's and every GPU's stream
     return device, rank, world_size
 
 

@@ -9,11 +9,10 @@ A dataset here is a folder of RGB PNGs named 1.png ... N.png, all size x size (d
 import argparse
 import math
 import os
-import random
 import re
 import sys
 import warnings
-import zlib
+import zipfile
 from pathlib import Path
 
 import torch
@@ -256,43 +255,6 @@ def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
 # checkpoints: one self-describing file, written atomically, checked when read
 
 
-def to_cpu(obj):
-    """A copy of a nest of dicts, lists and tuples with every tensor on the CPU (one copy, shared by the checksum
-    and torch.save; tensors already there are not copied)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {key: to_cpu(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(value) for value in obj)
-    return obj
-
-
-def checksum(obj):
-    """CRC-32 of every key, plain value and tensor (dtype, shape, bytes, whatever its strides) in a nest of dicts,
-    lists and tuples, as "crc32:89abcdef": the check zip and PNG use against damage on disk or in a copy."""
-    def pieces(obj):
-        if isinstance(obj, torch.Tensor):
-            yield f"tensor {obj.dtype} {tuple(obj.shape)}".encode()
-            yield obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-        elif isinstance(obj, dict):
-            yield f"dict {len(obj)}".encode()
-            for key, value in obj.items():
-                yield repr(key).encode()
-                yield from pieces(value)
-        elif isinstance(obj, (list, tuple)):
-            yield f"{type(obj).__name__} {len(obj)}".encode()
-            for value in obj:
-                yield from pieces(value)
-        else:
-            yield repr(obj).encode()  # str, int, float (exact), bool, None
-
-    crc = 0
-    for piece in pieces(obj):
-        crc = zlib.crc32(piece, crc)
-    return f"crc32:{crc:08x}"
-
-
 def previous_checkpoint(path):
     """OUT/ckpt.prev.pt for OUT/ckpt.pt: the one save_checkpoint replaced last, for when the newest is damaged."""
     root, extension = os.path.splitext(os.fspath(path))
@@ -300,14 +262,13 @@ def previous_checkpoint(path):
 
 
 def save_checkpoint(obj, path):
-    """torch.save of a checkpoint dict, on the CPU, with its checksum: to path.tmp (fsynced), then path renamed to
-    ckpt.prev.pt and path.tmp to path. os.replace is atomic, so a crash or kill -9 at any moment leaves the last
-    complete checkpoint on disk, as path or (between the renames) as ckpt.prev.pt, which train.py resumes from."""
+    """torch.save to path.tmp (fsynced), then path renamed to ckpt.prev.pt and path.tmp to path. os.replace is
+    atomic, so a crash or kill -9 at any moment leaves the last complete checkpoint on disk, as path or (between
+    the renames) as ckpt.prev.pt, which train.py resumes from."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    contents = to_cpu({key: value for key, value in obj.items() if key != "checksum"})  # a loaded one re-saved
     with open(path + ".tmp", "wb") as f:
-        torch.save({**contents, "checksum": checksum(contents)}, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(path):
@@ -316,28 +277,32 @@ def save_checkpoint(obj, path):
 
 
 def load_checkpoint(path):
-    """A checkpoint dict of save_checkpoint, on the CPU, its checksum checked. weights_only=True loads only tensors
-    and plain values, never pickled objects that could run code. Any failure is one line: FileNotFoundError or
-    ValueError, naming OUT/ckpt.prev.pt when it exists."""
+    """A checkpoint dict, on the CPU. torch.save writes a zip archive with the CRC-32 of every record (the pickle and
+    each tensor's bytes), which torch.load does not check: zipfile's testzip does, first. weights_only=True reads
+    only tensors and plain values, never pickled objects that could run code. Any failure is one line:
+    FileNotFoundError or ValueError, naming OUT/ckpt.prev.pt when it exists."""
     path, previous = os.fspath(path), previous_checkpoint(path)
     use_previous = f"; {previous}, the checkpoint saved before it, may be intact" if os.path.isfile(previous) else ""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path, or train one with "
                                 f"train.py{use_previous}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a damaged file can make torch warn before it fails: one line is enough
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        stored = checkpoint.pop("checksum")
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # the first record whose bytes do not match their CRC-32, or None
+        if damaged is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a damaged file can make torch warn before it fails: one line
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint.pop("checksum", None)  # what earlier versions stored beside the contents
     except Exception as error:
         raise ValueError(f"refused to load {path} ({type(error).__name__}): {os.path.basename(path)} is not a "
                          f"checkpoint made by this project's train.py, or it is damaged or truncated (only tensors "
                          f"and plain values are read, never pickled objects, which could run code){use_previous}"
                          ) from None
-    if stored != checksum(checkpoint):
-        raise ValueError(f"{path} is damaged: its contents do not match the checksum saved with them (a disk error, "
-                         f"or a copy that did not finish), so it was not loaded; if it is a copy, copy it again"
-                         f"{use_previous}")
+    if damaged:
+        raise ValueError(f"{path} is damaged: its contents do not match the checksum saved with them (the CRC-32 of "
+                         f"{ascii(damaged)}: a disk error, or a copy that did not finish), so it was not loaded; if it is a "
+                         f"copy, copy it again{use_previous}")
     return checkpoint
 
 
@@ -412,11 +377,6 @@ def load_for_sampling(args):
 # devices, precision, seeds
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
-
-
 def pick_device(name="auto"):
     """auto: CUDA if present, else the CPU. Under torchrun (LOCAL_RANK set) plain "cuda" is this process's own GPU,
     cuda:LOCAL_RANK. Apple's mps is not picked: it has no float64, which the schedule is kept in."""
@@ -437,23 +397,18 @@ def native_bf16(device):
 
 
 def autocast_dtype(device, precision):
-    """The dtype for torch.autocast (None: plain fp32) for precision 'auto', 'fp32', 'bf16' or 'fp16'. auto: bf16
-    where native, else fp16 on a GPU (training then needs a GradScaler), else fp32."""
+    """The dtype for torch.autocast (None: plain fp32) of --precision auto, fp32, bf16 or fp16. auto: bf16 where
+    native, else fp16 on a GPU (training then needs a GradScaler), else fp32."""
     device = torch.device(device)
-    if precision == "bf16" and not native_bf16(device):
-        print(f"warning: {device.type} here has no native bf16 (a CPU needs AVX-512 BF16 or AMX, a GPU compute "
-              f"capability 8.0+), so bf16 is emulated and much slower than fp32 (about 20x on an AVX2 CPU); use "
-              f"--precision fp32, or auto", file=sys.stderr)
-    if precision == "fp16" and device.type == "cpu":
-        print("note: fp16 on the CPU rehearses what a GPU without bf16 runs (fp16 autocast and a gradient scaler): "
-              "a few steps, not a run; its convolution backward has no fast kernel (some 100x slower than fp32)",
-              file=sys.stderr)
     if precision == "auto":
         precision = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"unknown precision {precision!r}; use 'auto', 'fp32', 'bf16' or 'fp16'")
-    return dtypes[precision]
+    elif precision == "bf16" and not native_bf16(device):
+        print(f"warning: {device.type} here has no native bf16, so it is emulated and much slower than fp32 "
+              f"(about 20x on an AVX2 CPU); use --precision fp32, or auto", file=sys.stderr)
+    elif precision == "fp16" and device.type == "cpu":
+        print("note: fp16 on the CPU rehearses a GPU without bf16, slowly: its convolution backward has no fast "
+              "kernel (some 100x slower than fp32)", file=sys.stderr)
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def autocast(device, dtype):
