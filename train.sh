@@ -15,12 +15,21 @@ PYTHON=${PYTHON:-python}
 
 # OUT is train.py's --out_dir: the default below, or the last one among the extra flags (as argparse reads them).
 OUT=runs/anime64
+DEVICE=""
 previous=""
 for arg in "$@"; do
-    case "$arg" in --out_dir=*) OUT=${arg#--out_dir=} ;; esac
+    case "$arg" in --out_dir=*) OUT=${arg#--out_dir=} ;; --device=*) DEVICE=${arg#--device=} ;; esac
     if [ "$previous" = "--out_dir" ]; then OUT=$arg; fi
+    if [ "$previous" = "--device" ]; then DEVICE=$arg; fi
     previous=$arg
 done
+
+# The recipe is a GPU's: without one it would run for months on the CPU. --device says otherwise.
+GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -eq 0 ] && [ -z "$DEVICE" ]; then
+    echo "error: no CUDA GPU here, and train.sh is the GPU recipe; for the CPU demo run python train.py, or force the recipe with: sh train.sh --device cpu" >&2
+    exit 1
+fi
 mkdir -p "$OUT"
 PIDFILE="$OUT/train.pid"
 
@@ -48,8 +57,7 @@ if [ -f "$PIDFILE" ]; then
 fi
 
 # One process per visible GPU. torchrun forwards SIGTERM to every rank and gives them 30 s to save.
-GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
-if [ "$GPUS" -gt 1 ]; then
+if [ "$GPUS" -gt 1 ] && [ -z "$DEVICE" ]; then
     LAUNCH="$PYTHON -m torch.distributed.run --standalone --nproc_per_node=$GPUS"
 else
     LAUNCH=$PYTHON

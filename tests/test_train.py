@@ -264,7 +264,7 @@ def test_train_sh_restarts_its_own_run_which_resumes_and_leaves_other_processes_
     stranger = subprocess.Popen(["sleep", "60"])  # a process train.sh did not start, its pid planted in the pid file
     (out / "train.pid").write_text(f"{stranger.pid}\n")
     command = ["sh", os.path.join(ROOT, "train.sh"), "--data_dir", images, "--out_dir", str(out), *TINY,
-               "--max_steps", "100000", "--save_every", "100000", "--sample_every", "0"]
+               "--max_steps", "100000", "--save_every", "100000", "--sample_every", "0", "--device", "cpu"]
     env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
     pids = []
     try:
@@ -291,7 +291,8 @@ def test_train_sh_restarts_its_own_run_which_resumes_and_leaves_other_processes_
 
 def test_train_sh_shows_a_failed_start_and_exits_nonzero(tmp_path):
     out = tmp_path / "run"
-    command = ["sh", os.path.join(ROOT, "train.sh"), "--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(out)]
+    command = ["sh", os.path.join(ROOT, "train.sh"), "--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(out),
+               "--device", "cpu"]
     env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(command, timeout=120, env=env, capture_output=True, text=True)
     assert result.returncode == 1
