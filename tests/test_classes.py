@@ -13,7 +13,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
 from diffusion import GaussianDiffusion, classifier_free_guidance  # noqa: E402
-from test_sample_eval import fails_with_one_line  # noqa: E402
+from test_sample_eval import fail_lines  # noqa: E402
 
 evaluate = importlib.import_module("eval")  # the script eval.py; the name `eval` is Python's built-in
 
@@ -83,7 +83,7 @@ def test_guidance_zero_is_plain_conditional_sampling_bit_for_bit():
 
 def test_prepared_labels_reach_the_checkpoint_and_the_dataset(labelled):
     assert (labelled / "data" / "labels.txt").read_text().splitlines() == ["blue"] * 2 + ["green"] * 2 + ["red"] * 2
-    dataset = util.NumberedImages(str(labelled / "data"), 16, labels=True)
+    dataset = util.NumberedImages(str(labelled / "data"), 16, labels=True, mirror=True)
     assert dataset.classes == ["blue", "green", "red"]
     x, y = dataset[2]  # 3.png: green
     assert y == 1 and x[1].mean() > 0.5 and x[0].mean() < -0.9
@@ -116,14 +116,16 @@ def test_eval_grid_rows_and_guidance_columns(labelled, tmp_path):
 
 
 def test_bad_labels_and_classes_are_refused_in_one_line(labelled, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for n in (1, 2, 3):
-        Image.new("RGB", (16, 16)).save(data / f"{n}.png")
-    line = fails_with_one_line("train.py", "--data_dir", data, "--out_dir", tmp_path / "run", "--class_cond")
-    assert "labels.txt does not exist" in line and "util.py prepare" in line
-    (data / "labels.txt").write_text("red\nblue\n")
-    line = fails_with_one_line("train.py", "--data_dir", data, "--out_dir", tmp_path / "run", "--class_cond")
-    assert "labels.txt has 2 lines for the 3 images" in line
-    line = fails_with_one_line("sample.py", labelled / "run" / "ckpt.pt", "--class", "purple")
-    assert "--class purple is not a class of this model; it knows blue, green, red" in line
+    unlabelled, mislabelled = tmp_path / "unlabelled", tmp_path / "mislabelled"
+    for data in (unlabelled, mislabelled):
+        data.mkdir()
+        for n in (1, 2, 3):
+            Image.new("RGB", (16, 16)).save(data / f"{n}.png")
+    (mislabelled / "labels.txt").write_text("red\nblue\n")
+    no_labels, bad_labels, bad_class = fail_lines(
+        ("train.py", "--data_dir", unlabelled, "--out_dir", tmp_path / "run1", "--class_cond"),
+        ("train.py", "--data_dir", mislabelled, "--out_dir", tmp_path / "run2", "--class_cond"),
+        ("sample.py", labelled / "run" / "ckpt.pt", "--class", "purple"))
+    assert "labels.txt does not exist" in no_labels and "util.py prepare" in no_labels
+    assert "labels.txt has 2 lines for the 3 images" in bad_labels
+    assert "--class purple is not a class of this model; it knows blue, green, red" in bad_class

@@ -40,10 +40,11 @@ def smooth_images(folder, count=4):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A trained tiny checkpoint (300 steps on 4 images) and an untrained one (step 0, the same data)."""
+    """A trained tiny checkpoint (150 steps on 4 images: bits/dim about half the untrained one's) and an untrained
+    one (step 0, the same data)."""
     base = tmp_path_factory.mktemp("runs")
     images = smooth_images(str(base / "images"))
-    train.main(["--data_dir", images, "--out_dir", str(base / "trained"), *TINY, "--max_steps", "300"])
+    train.main(["--data_dir", images, "--out_dir", str(base / "trained"), *TINY, "--max_steps", "150"])
     train.main(["--data_dir", images, "--out_dir", str(base / "untrained"), *TINY, "--max_steps", "0"])
     return base
 
@@ -196,53 +197,57 @@ def test_nll_terms_sum_to_the_total_and_training_lowers_it(run_dir, tmp_path, ca
 # bad input: one line that names the file and what to do, a non-zero exit, no traceback
 
 
+def fail_lines(*commands):
+    """Runs each command (script, *args) in a process of its own, all at once; each must fail with one line on
+    stderr and no traceback. Returns those lines, in order."""
+    processes = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, text=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for script, *args in commands]
+    lines = []
+    for process in processes:
+        _, stderr = process.communicate(timeout=240)
+        assert process.returncode != 0, stderr
+        assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        lines.append(stderr.strip())
+    return lines
+
+
 def fails_with_one_line(script, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0, result.stderr
-    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
-    return lines[0]
+    return fail_lines((script, *args))[0]
 
 
 def test_bad_checkpoints_are_refused_in_one_line(run_dir, tmp_path):
     missing = tmp_path / "nope.pt"
-    for script in ("sample.py", "eval.py"):
-        line = fails_with_one_line(script, missing)
-        assert "nope.pt does not exist" in line and "train" in line
-
     not_a_checkpoint = tmp_path / "picture.pt"
     Image.new("RGB", (4, 4)).save(not_a_checkpoint, format="PNG")
-    assert "picture.pt is not a checkpoint made by this project" in fails_with_one_line("eval.py", not_a_checkpoint)
-
     some_dict = tmp_path / "dict.pt"
     torch.save({"weights": torch.zeros(2)}, some_dict)
-    assert "dict.pt is not a checkpoint made by this project" in fails_with_one_line("sample.py", some_dict)
-
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"model": WritesAFileWhenUnpickled(marker)}, evil)
-    line = fails_with_one_line("eval.py", evil)
-    assert "refused to load" in line and "evil.pt" in line and "could run code" in line
-    assert not marker.exists()  # the code did not run
-
     checkpoint = util.load_checkpoint(run_dir / "trained" / "ckpt.pt")
     checkpoint["config"]["base_channels"] = 32  # the weights are of a 16-channel model
     util.save_checkpoint(checkpoint, tmp_path / "changed.pt")
-    line = fails_with_one_line("eval.py", tmp_path / "changed.pt")
-    assert "the weights in" in line and "changed.pt do not fit the model its config describes" in line
+    lines = fail_lines(("sample.py", missing), ("eval.py", missing), ("eval.py", not_a_checkpoint),
+                       ("sample.py", some_dict), ("eval.py", evil), ("eval.py", tmp_path / "changed.pt"))
+
+    for line in lines[:2]:
+        assert "nope.pt does not exist" in line and "train" in line
+    assert "picture.pt is not a checkpoint made by this project" in lines[2]
+    assert "dict.pt is not a checkpoint made by this project" in lines[3]
+    assert "refused to load" in lines[4] and "evil.pt" in lines[4] and "could run code" in lines[4]
+    assert not marker.exists()  # the code did not run
+    assert "the weights in" in lines[5] and "changed.pt do not fit the model its config describes" in lines[5]
 
 
 def test_bad_nll_folders_are_refused_in_one_line(run_dir, tmp_path):
     ckpt = run_dir / "trained" / "ckpt.pt"
-    line = fails_with_one_line("eval.py", ckpt, "--nll", tmp_path / "nowhere")
-    assert "nowhere" in line and "does not exist" in line and "util.py prepare" in line
     (tmp_path / "empty").mkdir()
-    line = fails_with_one_line("eval.py", ckpt, "--nll", tmp_path / "empty")
-    assert "no numbered PNGs" in line and "util.py prepare" in line
     gaps = smooth_images(str(tmp_path / "gaps"), 4)
     os.remove(os.path.join(gaps, "2.png"))
-    line = fails_with_one_line("eval.py", ckpt, "--nll", gaps)
-    assert os.path.join(gaps, "2.png") in line and "renumber" in line
-    for steps in (1, T + 1):
-        line = fails_with_one_line("sample.py", ckpt, "--steps", steps)
-        assert f"--steps {steps} must be between 2 and the T = {T}" in line
+    nowhere, empty, gap, *steps = fail_lines(
+        ("eval.py", ckpt, "--nll", tmp_path / "nowhere"), ("eval.py", ckpt, "--nll", tmp_path / "empty"),
+        ("eval.py", ckpt, "--nll", gaps), ("sample.py", ckpt, "--steps", 1), ("sample.py", ckpt, "--steps", T + 1))
+    assert "nowhere" in nowhere and "does not exist" in nowhere and "util.py prepare" in nowhere
+    assert "no numbered PNGs" in empty and "util.py prepare" in empty
+    assert os.path.join(gaps, "2.png") in gap and "renumber" in gap
+    for count, line in zip((1, T + 1), steps):
+        assert f"--steps {count} must be between 2 and the T = {T}" in line

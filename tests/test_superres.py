@@ -16,7 +16,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
 from test_diffusion import Ref  # noqa: E402
-from test_sample_eval import TINY, fails_with_one_line, smooth_images  # noqa: E402
+from test_sample_eval import TINY, fail_lines, smooth_images  # noqa: E402
 
 evaluate = importlib.import_module("eval")  # the script eval.py; the name `eval` is Python's built-in
 
@@ -108,8 +108,8 @@ def test_checkpoint_and_training_grid(superres_run):
 
 
 class Oracle(torch.nn.Module):
-    """Predicts the eps that makes x^_0 = its condition, exactly: sampling then ends at the condition, so each
-    output shows which input it was given."""
+    """Predicts the eps that makes x^_0 = its condition enlarged (bilinear, as the UNet does), exactly: sampling then
+    ends there, so each output shows which input it was given."""
     in_channels = 3
 
     def __init__(self, T):
@@ -117,6 +117,7 @@ class Oracle(torch.nn.Module):
         self.abar = torch.from_numpy(Ref("cosine", T).abar).float()
 
     def forward(self, x_t, t, low_res):
+        low_res = util.upsample(low_res, x_t.shape[-1])  # (B, 3, S, S) -> (B, 3, H, W)
         a = self.abar[t].view(-1, 1, 1, 1)
         eps = (x_t - a.sqrt() * low_res) / (1 - a).sqrt()
         return torch.cat([eps, torch.zeros_like(eps)], dim=1)  # v = 0: any variance ends at x^_0
@@ -163,24 +164,23 @@ def test_psnr_by_hand():
 
 
 def test_bad_super_resolution_inputs_are_refused_in_one_line(superres_run, tmp_path):
-    ckpt = superres_run / "run" / "ckpt.pt"
-    line = fails_with_one_line("sample.py", ckpt)
-    assert "is a super-resolution model (4x4 -> 16x16): pass --low_res DIR" in line
+    ckpt, images = superres_run / "run" / "ckpt.pt", superres_run / "images"
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     for n in (1, 2):
         Image.new("RGB", (8, 8)).save(wrong / f"{n}.png")
-    line = fails_with_one_line("sample.py", ckpt, "--low_res", wrong)
-    assert "1.png is 8x8, but this model enlarges 4x4 images" in line and "--size 4" in line
-    line = fails_with_one_line("train.py", "--data_dir", superres_run / "images", "--out_dir", tmp_path / "r",
-                               *TINY, "--super_res_from", "16")
-    assert "--super_res_from 16 must be between 1 and --image_size - 1 = 15" in line
-    line = fails_with_one_line("train.py", "--data_dir", superres_run / "images", "--out_dir", tmp_path / "r",
-                               *TINY, "--super_res_from", "4", "--class_cond")
-    assert "not supported" in line
     plain = tmp_path / "plain"
-    train.main(["--data_dir", str(superres_run / "images"), "--out_dir", str(plain), *TINY, "--max_steps", "0"])
-    line = fails_with_one_line("sample.py", plain / "ckpt.pt", "--low_res", superres_run / "small")
-    assert "--low_res needs a super-resolution model" in line
-    line = fails_with_one_line("eval.py", plain / "ckpt.pt", "--data_dir", superres_run / "images")
-    assert "--data_dir is for super-resolution models" in line
+    train.main(["--data_dir", str(images), "--out_dir", str(plain), *TINY, "--max_steps", "0"])
+    lines = fail_lines(
+        ("sample.py", ckpt), ("sample.py", ckpt, "--low_res", wrong),
+        ("train.py", "--data_dir", images, "--out_dir", tmp_path / "r1", *TINY, "--super_res_from", "16"),
+        ("train.py", "--data_dir", images, "--out_dir", tmp_path / "r2", *TINY, "--super_res_from", "4",
+         "--class_cond"),
+        ("sample.py", plain / "ckpt.pt", "--low_res", superres_run / "small"),
+        ("eval.py", plain / "ckpt.pt", "--data_dir", images))
+    assert "is a super-resolution model (4x4 -> 16x16): pass --low_res DIR" in lines[0]
+    assert "1.png is 8x8, but this model enlarges 4x4 images" in lines[1] and "--size 4" in lines[1]
+    assert "--super_res_from 16 must be between 1 and --image_size - 1 = 15" in lines[2]
+    assert "not supported" in lines[3]
+    assert "--low_res needs a super-resolution model" in lines[4]
+    assert "--data_dir is for super-resolution models" in lines[5]
