@@ -1,14 +1,12 @@
 """
 Train an Improved DDPM (Nichol & Dhariwal 2021) on a folder of numbered PNGs 1.png ... N.png.
 
-    python train.py        # the CPU demo on the bundled emoji, 32x32: on 2 cores about 12 minutes with AVX-512
-                           # BF16 or AMX, about 26 with AVX2 only
-    sh train.sh            # the 64x64 anime-faces recipe, in the background, on every GPU there is
-    torchrun --standalone --nproc_per_node=gpu train.py --data_dir AnimeFaces64 --out_dir runs/anime64 ...
+    python train.py    # the CPU demo, the bundled emoji at 32x32: 2 cores, ~12 min with AVX-512 BF16/AMX, ~26 AVX2
+    sh train.sh        # the 64x64 anime-faces recipe, in the background, on every GPU (torchrun)
 
-Everything lands in --out_dir: ckpt.pt (model, EMA, optimiser, config: enough to resume or sample), the one before
-it as ckpt.prev.pt, log.csv, loss.png and samples/STEP.png. A run resumes from OUT/ckpt.pt when it exists (from
-ckpt.prev.pt if ckpt.pt is damaged). SIGTERM, SIGHUP or Ctrl-C saves and exits. Then `python eval.py OUT/ckpt.pt`.
+--out_dir gets ckpt.pt (weights, EMA, optimiser, config), the one before it (ckpt.prev.pt), log.csv, loss.png and
+samples/STEP.png. A run resumes from OUT/ckpt.pt (ckpt.prev.pt if it is damaged); SIGTERM, SIGHUP or Ctrl-C save
+and exit. Then `python eval.py OUT/ckpt.pt`.
 """
 import argparse
 import contextlib
@@ -249,6 +247,7 @@ class Log:
     def __init__(self, args, step, device, limit, write):
         self.path, self.limit, self.write, self.first_step, self.clock = args.out_dir, limit, write, step, time.time()
         self.sums = torch.zeros(6, device=device)  # loss, mse, vb, grad norm, finite steps, skipped steps
+        self.skipped = torch.tensor([0.0, 0, 0, 0, 0, 1], device=device)  # made once: a copy to a GPU waits for it
         self.in_a_row, self.failed_at = torch.zeros((), device=device), torch.tensor(-1, device=device)
         self.tensorboard = None
         if not write:
@@ -271,22 +270,20 @@ class Log:
         vb = losses["vb"].mean() if "vb" in losses else torch.full_like(loss, float("nan"))  # NaN: no vb column
         values = torch.stack([loss, losses["mse"].mean(), vb, grad_norm.float(), torch.ones_like(loss),
                               torch.zeros_like(loss)])
-        skipped = torch.tensor([0.0, 0, 0, 0, 0, 1], device=loss.device)
-        self.sums += torch.where(finite_step, values.detach(), skipped)  # a skipped step's NaN stays out of the row
+        self.sums += torch.where(finite_step, values.detach(), self.skipped)  # a skipped step's NaN stays out of the row
         self.in_a_row = (self.in_a_row + 1) * ~finite_step
         self.failed_at = torch.where((self.failed_at < 0) & (self.in_a_row >= self.limit), step, self.failed_at)
 
     def stop_if_diverged(self, scaler, ckpt_path):
-        failed_at = int(self.failed_at)
+        failed_at, keep = int(self.failed_at), f"stopped without saving, the last good checkpoint is {ckpt_path}"
         if failed_at >= 0 and scaler.is_enabled():
-            raise SystemExit(
-                f"error: {self.limit} steps in a row up to step {failed_at} had a loss or gradients that were not "
-                f"finite and were skipped, with the fp16 loss scale down to {scaler.get_scale():g}; stopped without "
-                f"saving, the last good checkpoint is {ckpt_path}. Try a lower --lr, --precision bf16 (on GPUs from "
-                f"Ampere on) or fp32, or a larger --max_skipped_steps")
+            raise SystemExit(f"error: {self.limit} steps in a row up to step {failed_at} had a loss or gradients that "
+                             f"were not finite and were skipped, with the fp16 loss scale down to "
+                             f"{scaler.get_scale():g}; {keep}. Try a lower --lr, --precision bf16 or fp32, or a "
+                             f"larger --max_skipped_steps")
         if failed_at >= 0:
-            raise SystemExit(f"error: the loss or gradients became non-finite at step {failed_at}; stopped without "
-                             f"saving, the last good checkpoint is {ckpt_path}. Try a lower --lr, or --precision fp32")
+            raise SystemExit(f"error: the loss or gradients became non-finite at step {failed_at}; {keep}. Try a "
+                             f"lower --lr, or --precision fp32")
 
     def row(self, step, lr, images_per_step, start_time, scaler):
         """Appends the row of the steps since the last one (one wait for the device) and returns it."""
@@ -451,9 +448,6 @@ def build_or_resume(args, config, device, amp_dtype, rank=0):
 
 
 def save_checkpoint(path, model, ema, optimizer, scaler, diffusion, step, config, device):
-    """util.save_checkpoint (atomic, the one replaced kept as ckpt.prev.pt), never of weights that are not finite."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        return print(f"weights are not finite at step {step}: kept the last good {path}", file=sys.stderr)
     util.save_checkpoint(dict(
         model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
         scaler=scaler.state_dict(), diffusion=diffusion.state_dict(), step=step, config=config,
