@@ -11,6 +11,7 @@ and exit. Then `python eval.py OUT/ckpt.pt`.
 import argparse
 import contextlib
 import copy
+import csv
 import math
 import os
 import signal
@@ -20,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
@@ -246,6 +248,7 @@ class Log:
 
     def __init__(self, args, step, device, limit, write):
         self.path, self.limit, self.write, self.first_step, self.clock = args.out_dir, limit, write, step, time.time()
+        self.start_step = step
         self.sums = torch.zeros(6, device=device)  # loss, mse, vb, grad norm, finite steps, skipped steps
         self.skipped = torch.tensor([0.0, 0, 0, 0, 0, 1], device=device)  # made once: a copy to a GPU waits for it
         self.in_a_row, self.failed_at = torch.zeros((), device=device), torch.tensor(-1, device=device)
@@ -307,29 +310,19 @@ class Log:
                 self.tensorboard.flush()
         return row
 
-    def restart_clock(self):
-        self.clock = time.time()  # images/s counts training only, not plotting, sampling and saving
-
 
 def plot_losses(out_dir):
-    """OUT/loss.png from OUT/log.csv (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("matplotlib is not installed, so no loss.png: pip install matplotlib", file=sys.stderr)
+    """OUT/loss.png from OUT/log.csv."""
     with open(os.path.join(out_dir, "log.csv")) as f:
-        header, *rows = [line.rstrip("\n").split(",") for line in f]
-    fig, ax = plt.subplots(figsize=(7, 4))
+        rows = list(csv.DictReader(f))
+    ax = Figure(figsize=(7, 4)).subplots()
     for key in ("loss", "mse", "vb"):
-        points = [(int(row[0]), float(row[header.index(key)])) for row in rows if row[header.index(key)]]
+        points = [(int(row["step"]), float(row[key])) for row in rows if row[key]]  # "": all skipped, or no vb
         if points:
             ax.plot(*zip(*points), label=key)
     ax.set(xlabel="training step", ylabel="loss (log scale)", yscale="log", title="mean over each log interval")
     ax.legend()
-    fig.savefig(os.path.join(out_dir, "loss.tmp.png"), dpi=100)
-    plt.close(fig)
+    ax.figure.savefig(os.path.join(out_dir, "loss.tmp.png"), dpi=100)
     os.replace(os.path.join(out_dir, "loss.tmp.png"), os.path.join(out_dir, "loss.png"))
 
 
@@ -491,6 +484,7 @@ def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, b
     start_time, stop_reason = time.time(), "max_steps"
     progress = tqdm(total=args.max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
+    grid_step = -1  # the step of the last sample grid
     while step < args.max_steps:
         x0, y = next(batches)  # (B, 3, H, W) in [-1, 1] on the device, (B,) labels or None
         loss, losses, grad_norm, finite = training_step(train_model, model, ema, diffusion, optimizer, scaler, x0,
@@ -501,7 +495,7 @@ def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, b
 
         # -- logging, checkpoints, samples: the only places that wait for the device --------------------------
         at_log_step = step % args.log_every == 0 or step == args.max_steps
-        at_save_step = step % args.save_every == 0 or step == args.max_steps
+        at_save_step = step % args.save_every == 0 and step < args.max_steps  # the last is saved after the loop
         stop = bool(received) or (args.max_minutes > 0 and time.time() - start_time > 60 * args.max_minutes)
         if world_size > 1:
             stop = (at_log_step or step % STOP_CHECK_EVERY == 0) and ranks_agree_to_stop(stop, device)
@@ -510,15 +504,21 @@ def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, b
         if at_log_step or stop:
             row = log.row(step, optimizer.param_groups[0]["lr"], args.batch_size * world_size, start_time, scaler)
             progress.set_postfix(loss=row["loss"] or "-", img_s=row["images_per_s"])
-        if is_main and (at_save_step or stop):  # before the samples: a stop must not wait for them to save
-            save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
-        if is_main and (step % args.sample_every == 0 if args.sample_every else step == args.max_steps):
-            save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, log.tensorboard)
-        if at_log_step:
-            log.restart_clock()
         if stop:
             stop_reason = f"{received[0]} received" if received else "--max_minutes reached"
             break
+        if is_main and at_save_step:
+            save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
+        if is_main and args.sample_every and step % args.sample_every == 0:
+            save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, log.tensorboard)
+            grid_step = step
+        if at_log_step:
+            log.clock = time.time()  # images/s counts training only, not plots, saves and grids
+    if is_main:  # saved before the grid: a stop must not wait for the samples
+        save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
+        at_sample_step = args.sample_every and step % args.sample_every == 0
+        if grid_step < step and (at_sample_step or stop_reason == "max_steps") and step > log.start_step:
+            save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, log.tensorboard)
     progress.close()
     if log.tensorboard is not None:
         log.tensorboard.close()
