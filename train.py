@@ -139,10 +139,10 @@ class ShuffleForever(torch.utils.data.Sampler):
             epoch, offset = epoch + 1, 0
 
 
-def ignore_stop_signals(worker_id):
-    # torchrun and Ctrl-C signal the whole process group: a loader worker must outlive them until its rank has saved
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+def leave_process_group(worker_id):
+    # torchrun and Ctrl-C signal the rank's whole process group: in a group of its own, a loader worker outlives them
+    # until its rank has saved (and still ends when the rank does, which signals it by its pid, or dies)
+    os.setpgid(0, 0)
 
 
 def device_batches(dataset, args, device, step, rank, world_size):
@@ -150,7 +150,7 @@ def device_batches(dataset, args, device, step, rank, world_size):
     sampler = ShuffleForever(len(dataset), args.seed, start=step * args.batch_size, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                                         pin_memory=device.type == "cuda", worker_init_fn=leave_process_group)
     batches = iter(loader)  # now: it draws the workers' seed from the random stream, before a resume restores it
 
     def on_device():
