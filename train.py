@@ -273,7 +273,7 @@ class Log:
         vb = losses["vb"].mean() if "vb" in losses else torch.full_like(loss, float("nan"))  # NaN: no vb column
         values = torch.stack([loss, losses["mse"].mean(), vb, grad_norm.float(), torch.ones_like(loss),
                               torch.zeros_like(loss)])
-        self.sums += torch.where(finite_step, values.detach(), self.skipped)  # a skipped step's NaN stays out of the row
+        self.sums += torch.where(finite_step, values.detach(), self.skipped)  # a skipped step's NaN stays out
         self.in_a_row = (self.in_a_row + 1) * ~finite_step
         self.failed_at = torch.where((self.failed_at < 0) & (self.in_a_row >= self.limit), step, self.failed_at)
 

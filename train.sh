@@ -27,7 +27,8 @@ done
 # The recipe is a GPU's: without one it would run for months on the CPU. --device says otherwise.
 GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -eq 0 ] && [ -z "$DEVICE" ]; then
-    echo "error: no CUDA GPU here, and train.sh is the GPU recipe; for the CPU demo run python train.py, or force the recipe with: sh train.sh --device cpu" >&2
+    msg="error: no CUDA GPU here, and train.sh is the GPU recipe; for the CPU demo run python train.py,"
+    echo "$msg or force the recipe with: sh train.sh --device cpu" >&2
     exit 1
 fi
 mkdir -p "$OUT"

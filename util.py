@@ -301,8 +301,8 @@ def load_checkpoint(path):
                          ) from None
     if damaged:
         raise ValueError(f"{path} is damaged: its contents do not match the checksum saved with them (the CRC-32 of "
-                         f"{ascii(damaged)}: a disk error, or a copy that did not finish), so it was not loaded; if it is a "
-                         f"copy, copy it again{use_previous}")
+                         f"{ascii(damaged)}: a disk error, or a copy that did not finish), so it was not loaded; if "
+                         f"it is a copy, copy it again{use_previous}")
     return checkpoint
 
 
