@@ -17,6 +17,7 @@ import train  # noqa: E402
 import util  # noqa: E402
 from test_diffusion import Ref  # noqa: E402
 from test_sample_eval import TINY, fail_lines, smooth_images  # noqa: E402
+from test_unet import bilinear_by_hand  # noqa: E402
 
 evaluate = importlib.import_module("eval")  # the script eval.py; the name `eval` is Python's built-in
 
@@ -27,18 +28,6 @@ def random_pixels(shape, seed):
     """Images as a PNG holds them: whole 8-bit levels, mapped to [-1, 1]."""
     levels = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
     return levels.float() / 127.5 - 1
-
-
-def bilinear_by_hand(image, size):
-    """(B, C, h, h) -> (B, C, size, size): output pixel i sits at input coordinate (i + 1/2) h / size - 1/2 (pixel
-    centres aligned), clamped to the image, and mixes its two neighbours by distance, along rows then columns."""
-    h = image.shape[-1]
-    position = ((torch.arange(size) + 0.5) * h / size - 0.5).clamp(0, h - 1)
-    below = position.floor().long()
-    above = (below + 1).clamp(max=h - 1)
-    weight = position - below  # (size,)
-    rows = image[..., below, :] * (1 - weight)[:, None] + image[..., above, :] * weight[:, None]  # (B, C, size, h)
-    return rows[..., below] * (1 - weight) + rows[..., above] * weight
 
 
 def test_downsample_is_the_block_mean_rounded_to_8_bits():
