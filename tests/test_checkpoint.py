@@ -2,7 +2,6 @@
 checkpoint a save replaces is kept as ckpt.prev.pt, for train.py to resume from."""
 import copy
 import importlib
-import math
 import os
 import pickletools
 import random

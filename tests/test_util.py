@@ -1,6 +1,5 @@
 import importlib.util
 import os
-import random
 import re
 import subprocess
 import sys
