@@ -248,7 +248,6 @@ class Log:
 
     def __init__(self, args, step, device, limit, write):
         self.path, self.limit, self.write, self.first_step, self.clock = args.out_dir, limit, write, step, time.time()
-        self.start_step = step
         self.sums = torch.zeros(6, device=device)  # loss, mse, vb, grad norm, finite steps, skipped steps
         self.skipped = torch.tensor([0.0, 0, 0, 0, 0, 1], device=device)  # made once: a copy to a GPU waits for it
         self.in_a_row, self.failed_at = torch.zeros((), device=device), torch.tensor(-1, device=device)
@@ -481,7 +480,7 @@ def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, b
     """The loop, from step to --max_steps (or a stop signal in `received`, or --max_minutes). Returns the last step."""
     is_main, ckpt_path = not dist.is_initialized() or dist.get_rank() == 0, os.path.join(args.out_dir, "ckpt.pt")
     log = Log(args, step, device, args.max_skipped_steps if scaler.is_enabled() else 1, write=is_main)
-    start_time, stop_reason = time.time(), "max_steps"
+    start_time, start_step, stop_reason = time.time(), step, "max_steps"
     progress = tqdm(total=args.max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
     grid_step = -1  # the step of the last sample grid
@@ -517,7 +516,7 @@ def train(args, config, model, train_model, ema, diffusion, optimizer, scaler, b
     if is_main:  # saved before the grid: a stop must not wait for the samples
         save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
         at_sample_step = args.sample_every and step % args.sample_every == 0
-        if grid_step < step and (at_sample_step or stop_reason == "max_steps") and step > log.start_step:
+        if grid_step < step and (at_sample_step or stop_reason == "max_steps") and step > start_step:
             save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, log.tensorboard)
     progress.close()
     if log.tensorboard is not None:
