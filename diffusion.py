@@ -298,6 +298,12 @@ class GaussianDiffusion(nn.Module):
         return dict(total_bpd=vb.sum(dim=1) + prior_bpd, prior_bpd=prior_bpd, vb=vb, mse=mse)
 
 
+def drop_labels(y, p, null_label):
+    """Each label becomes the null label with probability p, so that the network also learns eps(x_t, no class):
+    classifier-free guidance mixes the two at sampling time (Ho & Salimans 2022, Algorithm 1)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_label), y)
+
+
 def classifier_free_guidance(model, guidance, null_label):
     """A model whose eps is guided toward the class y (Ho & Salimans 2022, eq. 6): eps = (1 + w) eps(x_t, y) -
     w eps(x_t, no class), both in one batch of 2B. The variance channels stay the conditional model's (a choice; the

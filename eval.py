@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import util
 from diffusion import classifier_free_guidance
+from sample import add_sampling_flags, load_for_sampling
 
 STEPS_COMPARED = (10, 25, 50, 100)  # steps.png's columns, then T
 ROWS = 8  # rows of steps.png, superres.png and (at most) guidance.png
@@ -35,7 +36,7 @@ GUIDANCE_WEIGHTS = (0, 1, 3, 5)  # guidance.png's columns
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
-    util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --guidance, --no_ema, --precision, --device
+    add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --guidance, --no_ema, --precision, --device
     p.add_argument("--out", help="folder for the results (None: eval/ beside the checkpoint)")
     p.add_argument("--seed", type=int, default=0, help="seeds the starting noise, every step's noise and --nll's")
     p.add_argument("--data_dir", help="super-resolution models: images to shrink and enlarge (None: the training set)")
@@ -128,7 +129,7 @@ def compare_super_resolution(diffusion, model, config, dataset, args, device, ou
     for batch in low_res.split(args.batch_size):
         noise = torch.randn(len(batch), 3, size, size, device=device, generator=generator)
         samples.append(sample_keeping(diffusion, model, noise, args.steps, args, {"low_res": batch.to(device)})[0])
-    columns = {"bilinear": util.upsample(low_res, size),
+    columns = {"bilinear": F.interpolate(low_res, size=(size, size), mode="bilinear"),
                "bicubic": F.interpolate(low_res, size=(size, size), mode="bicubic").clamp(-1, 1),
                "model": torch.cat(samples)}
     blocky = F.interpolate(low_res, size=(size, size), mode="nearest")  # the input as it is: big pixels
@@ -177,7 +178,7 @@ def measure_nll(diffusion, model, config, dataset, args, device, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, diffusion, config, step, device, amp_dtype = util.load_for_sampling(args)
+    model, diffusion, config, step, device, amp_dtype = load_for_sampling(args)
     if args.num < 1 or args.batch_size < 1:
         raise SystemExit(f"error: --num {args.num} and --batch_size {args.batch_size} must be at least 1")
     if args.data_dir and not config.get("super_res_from"):

@@ -13,20 +13,54 @@ generator, seeded by --seed and b, at the full --batch_size: image i depends onl
 """
 import argparse
 import json
+import math
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 import util
 from diffusion import classifier_free_guidance
 
 
+def add_sampling_flags(p):
+    """The flags of sample.py and eval.py that pick the checkpoint's weights, the sampler and the hardware."""
+    p.add_argument("checkpoint", help="OUT/ckpt.pt written by train.py; the model is rebuilt from the config inside")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps K (None: all T); fewer respace (sec. 4)")
+    p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral ones")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance w (class-conditional models)")
+    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast: auto = bf16 where native, fp16 on older GPUs, else fp32")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+
+
+def load_for_sampling(args):
+    """(model, diffusion, config, step, device, autocast dtype) for add_sampling_flags' flags; else one line."""
+    device = util.pick_device(args.device)
+    try:
+        model, diffusion, config, step = util.load_model(args.checkpoint, device, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    T = diffusion.num_timesteps
+    if args.steps is not None and not 2 <= args.steps <= T:
+        raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
+    if args.guidance and not config.get("classes"):
+        raise SystemExit(f"error: --guidance needs a class-conditional model; {args.checkpoint} was trained without "
+                         f"--class_cond")
+    if args.guidance < 0:
+        raise SystemExit(f"error: --guidance {args.guidance} must be 0 (no guidance) or more")
+    return model, diffusion, config, step, device, util.autocast_dtype(device, args.precision)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
-    util.add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --guidance, --no_ema, --precision, --device
+    add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --guidance, --no_ema, --precision, --device
     p.add_argument("--num", type=int, default=None, help="how many images (None: 64, or one per --low_res image)")
     p.add_argument("--out", default=None, help="folder for 1.png ... N.png (None: generated/ beside the checkpoint)")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch; changing it changes the images")
@@ -88,9 +122,39 @@ def check_output_folder(out, settings):
     os.replace(manifest + ".tmp", manifest)
 
 
+def save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, tensorboard=None):
+    """OUT/samples/STEP.png: EMA samples in 50 respaced steps (sec. 4), the same noise each time. Class-conditional:
+    a row per class (the first 8). Super-resolution: rows of three, low-res input, sample, original."""
+    num, nrow, model_kwargs, row_labels, size = config["num_samples"], None, {}, [], config["image_size"]
+    if config["classes"]:
+        rows = min(8, len(config["classes"]))
+        nrow = max(1, num // rows)
+        num, row_labels = rows * nrow, config["classes"][:rows]
+        model_kwargs["y"] = torch.arange(rows, device=device).repeat_interleave(nrow)  # row r: class r
+    if config["super_res_from"]:
+        images = min(num, len(dataset.paths))  # indices below len(paths): not mirrored
+        nrow = max(1, math.isqrt(images))
+        num = nrow * (images // nrow)  # whole rows
+        originals = torch.stack([dataset[i] for i in range(num)]).to(device)  # (num, 3, H, W)
+        model_kwargs["low_res"] = util.downsample(originals, config["super_res_from"])  # (num, 3, S, S)
+    # on a forked and restored random stream: sampling must not change the training run's
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), util.autocast(device, amp_dtype):
+        torch.manual_seed(config["seed"])
+        samples = diffusion.sample(ema, (num, 3, size, size), steps=min(50, diffusion.num_timesteps), device=device,
+                                   model_kwargs=model_kwargs).float()  # (num, 3, H, W) in [-1, 1]
+    if config["super_res_from"]:
+        blocky = F.interpolate(model_kwargs["low_res"], size=(size, size), mode="nearest")  # as it is: big pixels
+        samples = torch.stack([blocky, samples, originals]).unflatten(1, (-1, nrow)).transpose(0, 1).flatten(0, 2)
+        row_labels = [f"{config['super_res_from']}x{config['super_res_from']}", "sample", "original"] * (num // nrow)
+    path = os.path.join(config["out_dir"], "samples", f"{step:06d}.png")
+    grid = util.save_image_grid(samples, path, nrow=nrow, row_labels=row_labels)
+    if tensorboard is not None:  # the grid as saved, labels and all: (3, H, W) uint8
+        tensorboard.add_image("samples", pil_to_tensor(grid), step)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    model, diffusion, config, step, device, amp_dtype = util.load_for_sampling(args)
+    model, diffusion, config, step, device, amp_dtype = load_for_sampling(args)
     low_res_images = open_low_res(args, config)  # None unless the model is a super-resolution one
     args.num = args.num or (len(low_res_images) if low_res_images is not None else 64)
     if low_res_images is not None and args.num > len(low_res_images):

@@ -31,9 +31,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's line breaks and shows every flag's default."""
 
-
-# -----------------------------------------------------------------------------
-# images
+# -- Images -------------------------------------------------------------------------------------------------------
 
 
 def to_rgb(img):
@@ -48,10 +46,9 @@ def to_rgb(img):
 
 def center_crop_resize(img, size):
     """Cut the largest centred square, then resize it to size x size (LANCZOS, which antialiases when shrinking)."""
-    w, h = img.size
-    side = min(w, h)
-    if w != h:
-        left, top = (w - side) // 2, (h - side) // 2
+    side = min(img.size)
+    if img.width != img.height:  # cropped first: a resize of a box would blend in the pixels around it
+        left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side))
     return img if side == size else img.resize((size, size), Image.LANCZOS)
 
@@ -77,25 +74,23 @@ def labelled_grid(x, nrow=None, column_labels=(), row_labels=(), labels_below=Fa
     scale = max(1, math.ceil(min_side / x.shape[-1]))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     font = ImageFont.load_default(size=12)
-    widths = [ImageDraw.Draw(grid).textlength(label, font=font) for label in row_labels]
-    left = round(max(widths)) + 8 if row_labels else 0
+    left = round(max(ImageDraw.Draw(grid).textlength(text, font=font) for text in row_labels)) + 8 if row_labels else 0
     header = 18 if column_labels else 0
     top = 0 if labels_below else header  # where the images start
     canvas = Image.new("RGB", (left + grid.width, header + grid.height), "white")
     canvas.paste(grid, (left, top))
     draw = ImageDraw.Draw(canvas)
-    label_y = grid.height + header / 2 if labels_below else header / 2
     for column, label in enumerate(column_labels):  # image_grid pads 2 px around every image
-        draw.text((left + (2 + column * (x.shape[-1] + 2) + x.shape[-1] / 2) * scale, label_y), label,
-                  fill="black", font=font, anchor="mm")
+        draw.text((left + (2 + column * (x.shape[-1] + 2) + x.shape[-1] / 2) * scale,
+                   grid.height + header / 2 if labels_below else header / 2), label, "black", font, anchor="mm")
     for row, label in enumerate(row_labels):
-        draw.text((left - 4, top + (2 + row * (x.shape[-2] + 2) + x.shape[-2] / 2) * scale), label,
-                  fill="black", font=font, anchor="rm")
+        draw.text((left - 4, top + (2 + row * (x.shape[-2] + 2) + x.shape[-2] / 2) * scale), label, "black", font,
+                  anchor="rm")
     return canvas
 
 
 def save_image_grid(x, path, nrow=None, column_labels=(), row_labels=(), labels_below=False):
-    """labelled_grid(x, ...) saved as a PNG at path (its folder made). Returns the grid, an RGB PIL image."""
+    """labelled_grid(x, ...) saved as a PNG at path (its folder made); returns it."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid = labelled_grid(x, nrow, column_labels, row_labels, labels_below)
     grid.save(path)
@@ -103,19 +98,12 @@ def save_image_grid(x, path, nrow=None, column_labels=(), row_labels=(), labels_
 
 
 def downsample(x, size):
-    """(B, C, H, W) in [-1, 1] -> (B, C, size, size): box-filtered (antialiased), then rounded to 8 bits: the input
-    of a super-resolution model, made at training time as sample.py --low_res reads it from PNG files."""
+    """(B, C, H, W) in [-1, 1] -> (B, C, size, size), box-filtered and rounded to 8 bits: a super-resolution model's
+    input, made in training as sample.py --low_res reads it from PNGs."""
     x = F.interpolate(x, size=(size, size), mode="area")
     return ((x + 1) * 127.5).round() / 127.5 - 1
 
-
-def upsample(x, size):
-    """(B, C, h, w) -> (B, C, size, size), bilinear: how a super-resolution model sees its low-resolution input."""
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
-# -----------------------------------------------------------------------------
-# the dataset folder: 1.png ... N.png
+# -- The dataset folder: 1.png ... N.png --------------------------------------------------------------------------
 
 
 def numbered_pngs(folder):
@@ -147,8 +135,8 @@ def write_labels(folder, names):
 class NumberedImages(torch.utils.data.Dataset):
     """1.png ... N.png as (3, size, size) tensors in [-1, 1], or with labels=True (image, class index) pairs.
     mirror=True (training) adds indices N..2N-1, the same images flipped left to right: the random flip, chosen by
-    train.py's seeded sampler so that a resumed run sees the same batches. A missing or empty folder or a gap in
-    the numbering raises FileNotFoundError, a bad labels.txt ValueError, each naming the file and the fix."""
+    train.py's seeded sampler so that a resumed run sees the same batches. A bad folder raises FileNotFoundError, a
+    bad labels.txt ValueError, each naming the file and the fix."""
 
     def __init__(self, folder, image_size, labels=False, mirror=False):
         fix = f"make one with: python util.py prepare YOUR_IMAGES --out {folder} --size {image_size}"
@@ -191,31 +179,15 @@ class NumberedImages(torch.utils.data.Dataset):
         return x if self.labels is None else (x, self.labels[chosen])
 
 
-def clear_output_folder(out, overwrite):
-    """Make out an empty place for 1.png ... N.png (and labels.txt); old ones would mix two datasets."""
-    old = numbered_pngs(out)
-    if old and not overwrite:
-        raise SystemExit(f"error: {out} already holds {len(old)} numbered PNGs (1.png, 2.png, ...) from an earlier "
-                         f"run; writing there would mix two datasets. Pass --overwrite to delete them first, or pick "
-                         f"another --out.")
-    for p in old:
-        p.unlink()
-    (Path(out) / "labels.txt").unlink(missing_ok=True)
-    Path(out).mkdir(parents=True, exist_ok=True)
-
-
 def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
     """Merge folders of images into out/1.png ... N.png: RGB, centre-cropped square, size x size; images whose short
     side is below min_size (default: size) are skipped. Returns N. labels: each image's class is its first-level
     sub-folder of SRC (SRC/red_hair/x.png -> red_hair), written to out/labels.txt."""
     min_size = size if min_size is None else min_size
-    for src in srcs:
-        if not Path(src).is_dir():
-            raise SystemExit(f"error: {src} is not a folder; pass folders of images as SRC")
-        if Path(src).resolve() == Path(out).resolve():
-            raise SystemExit(f"error: --out {out} is also a SRC; write the prepared images to a new folder")
     files, ignored = [], 0  # (path, its first-level sub-folder: the class with --labels)
     for src in srcs:  # SRC folders in the order given, each one's files (sub-folders included) sorted
+        if not Path(src).is_dir() or Path(src).resolve() == Path(out).resolve():
+            raise SystemExit(f"error: SRC {src} must be a folder of images, and not --out {out}")
         for p in sorted(Path(src).rglob("*")):
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
                 parts = p.relative_to(src).parts
@@ -225,10 +197,16 @@ def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
                 files.append((p, parts[0]))
             elif p.is_file():
                 ignored += 1
-    clear_output_folder(out, overwrite)
+    old = numbered_pngs(out)  # they would mix two datasets
+    if old and not overwrite:
+        raise SystemExit(f"error: {out} already holds {len(old)} numbered PNGs (1.png, 2.png, ...) from an earlier "
+                         f"run; pass --overwrite to delete them first, or pick another --out")
+    for p in [*old, Path(out) / "labels.txt"]:
+        p.unlink(missing_ok=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
     if ignored:
         print(f"ignored {ignored} files whose names do not end in {' '.join(sorted(IMAGE_EXTENSIONS))}")
-    written_classes = []
+    written = []  # each written image's class
     for p, name in tqdm(files, desc="prepare", unit="img"):
         try:
             with Image.open(p) as img:
@@ -240,19 +218,16 @@ def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
         if min(img.size) < min_size:
             tqdm.write(f"skip {p}: {img.width}x{img.height} is smaller than --min_size {min_size} on its short side")
             continue
-        written_classes.append(name)
-        center_crop_resize(to_rgb(img), size).save(Path(out) / f"{len(written_classes)}.png")
-    written = len(written_classes)
-    print(f"wrote {written} images ({size}x{size} RGB) to {out}; skipped {len(files) - written}")
+        written.append(name)
+        center_crop_resize(to_rgb(img), size).save(Path(out) / f"{len(written)}.png")
+    print(f"wrote {len(written)} images ({size}x{size} RGB) to {out}; skipped {len(files) - len(written)}")
     if labels:
-        write_labels(out, written_classes)
-        counts = {name: written_classes.count(name) for name in sorted(set(written_classes))}
+        write_labels(out, written)
+        counts = {name: written.count(name) for name in sorted(set(written))}
         print(f"wrote labels.txt, {len(counts)} classes: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
-    return len(written_classes)
+    return len(written)
 
-
-# -----------------------------------------------------------------------------
-# checkpoints: one self-describing file, written atomically, checked when read
+# -- Checkpoints: one self-describing file, written atomically, checked when read ---------------------------------
 
 
 def previous_checkpoint(path):
@@ -262,9 +237,8 @@ def previous_checkpoint(path):
 
 
 def save_checkpoint(obj, path):
-    """torch.save to path.tmp (fsynced), then path renamed to ckpt.prev.pt and path.tmp to path. os.replace is
-    atomic, so a crash or kill -9 at any moment leaves the last complete checkpoint on disk, as path or (between
-    the renames) as ckpt.prev.pt, which train.py resumes from."""
+    """torch.save to path.tmp (fsynced), then path renamed to ckpt.prev.pt and path.tmp to path: os.replace is
+    atomic, so a crash at any moment leaves the last complete checkpoint as path or (between the renames) the other."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
@@ -277,10 +251,8 @@ def save_checkpoint(obj, path):
 
 
 def load_checkpoint(path):
-    """A checkpoint dict, on the CPU. torch.save writes a zip archive with the CRC-32 of every record (the pickle and
-    each tensor's bytes), which torch.load does not check: zipfile's testzip does, first. weights_only=True reads
-    only tensors and plain values, never pickled objects that could run code. Any failure is one line:
-    FileNotFoundError or ValueError, naming OUT/ckpt.prev.pt when it exists."""
+    """A checkpoint dict on the CPU, or a one-line FileNotFoundError or ValueError. torch.save's zip archive keeps the
+    CRC-32 of every record, which torch.load does not check: zipfile's testzip does. weights_only: no pickled code."""
     path, previous = os.fspath(path), previous_checkpoint(path)
     use_previous = f"; {previous}, the checkpoint saved before it, may be intact" if os.path.isfile(previous) else ""
     if not os.path.isfile(path):
@@ -293,16 +265,38 @@ def load_checkpoint(path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a damaged file can make torch warn before it fails: one line
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            checkpoint.pop("checksum", None)  # what earlier versions stored beside the contents
     except Exception as error:
         raise ValueError(f"refused to load {path} ({type(error).__name__}): {os.path.basename(path)} is not a "
-                         f"checkpoint made by this project's train.py, or it is damaged or truncated (only tensors "
-                         f"and plain values are read, never pickled objects, which could run code){use_previous}"
-                         ) from None
+                         f"checkpoint made by this project's train.py, or it is damaged or truncated (only tensors and "
+                         f"plain values are read, never pickled objects, which could run code){use_previous}") from None
     if damaged:
         raise ValueError(f"{path} is damaged: its contents do not match the checksum saved with them (the CRC-32 of "
-                         f"{ascii(damaged)}: a disk error, or a copy that did not finish), so it was not loaded; if "
-                         f"it is a copy, copy it again{use_previous}")
+                         f"{ascii(damaged)}), so it was not loaded{use_previous}")
+    checkpoint.pop("checksum", None)  # what earlier versions stored beside the contents
+    return checkpoint
+
+
+def resume_checkpoint(out_dir, rank):
+    """OUT/ckpt.pt's dict, or ckpt.prev.pt's when it is missing or damaged; None for a new run; else one line."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    previous = previous_checkpoint(path)
+    try:
+        return load_checkpoint(path) if os.path.exists(path) or os.path.exists(previous) else None
+    except (FileNotFoundError, ValueError) as error:
+        if not os.path.exists(previous):
+            raise SystemExit(f"error: {error}; move it away to start a new run in {out_dir}") from None
+    problem = "is damaged or unreadable" if os.path.exists(path) else "is missing"  # or a kill between two renames
+    try:
+        checkpoint = load_checkpoint(previous)
+    except ValueError as error:
+        raise SystemExit(f"error: {path} {problem}, and {previous}, the checkpoint saved before it, cannot be resumed "
+                         f"from either ({error}); neither was changed: copy a good checkpoint to {path} to resume, or "
+                         f"move both away to start a new run in {out_dir}") from None
+    kept = f" (the damaged file is kept as {path}.damaged)" if os.path.exists(path) else ""
+    if kept and rank == 0:  # moved aside, or the next save would make it ckpt.prev.pt
+        os.replace(path, path + ".damaged")
+    print(f"{path} {problem}: resuming from {previous}, the checkpoint saved before it, at step "
+          f"{checkpoint['step']}{kept}", file=sys.stderr)
     return checkpoint
 
 
@@ -324,62 +318,27 @@ def build_model_and_diffusion(config):
 
 
 def load_model(path, device="cpu", use_ema=True):
-    """(network in eval mode on device, process, config, step) of a train.py checkpoint; use_ema: the EMA weights,
-    the ones to sample from. One-line FileNotFoundError or ValueError for a file that is not such a checkpoint."""
+    """(network in eval mode on device, process, config, step) of a train.py checkpoint, with its EMA weights (the
+    ones to sample from) unless use_ema=False. One-line FileNotFoundError or ValueError for any other file."""
     checkpoint = load_checkpoint(path)
     try:
         model, diffusion = build_model_and_diffusion(checkpoint["config"])
         model.load_state_dict(checkpoint["ema" if use_ema else "model"])
     except Exception as error:
         raise ValueError(f"the weights in {path} do not fit the model its config describes ({type(error).__name__}): "
-                         f"{os.path.basename(path)} is not a checkpoint made by this project's train.py, was changed "
-                         f"after training, or comes from another version of this project") from None
+                         f"{os.path.basename(path)} is not a checkpoint made by this project's train.py, or comes from "
+                         f"another version of it") from None
     # NHWC: tensor cores on a GPU; on the CPU oneDNN's forward convs are faster in NHWC too (sampling 1.15-1.25x)
     model.to(device, memory_format=torch.channels_last).eval()
     return model, diffusion.to(device), checkpoint["config"], checkpoint["step"]
 
 
-def add_sampling_flags(p):
-    """The flags of sample.py and eval.py that pick the checkpoint's weights, the sampler and the hardware."""
-    p.add_argument("checkpoint", help="OUT/ckpt.pt written by train.py; the model is rebuilt from the config inside")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps K (None: all T); fewer sample a respaced process (sec. 4)")
-    p.add_argument("--ddim", action="store_true", help="DDIM updates (Song et al. 2020) instead of ancestral ones")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise scale: 0 = deterministic, 1 = like ancestral")
-    p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance w (class-conditional models): eps = (1+w) eps(x, y) - w eps(x)")
-    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast: auto = bf16 where native, fp16 on older GPUs, else fp32")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
-
-
-def load_for_sampling(args):
-    """What add_sampling_flags asks for: (model, diffusion, config, step, device, autocast dtype); a bad checkpoint
-    or flag exits with one line."""
-    device = pick_device(args.device)
-    try:
-        model, diffusion, config, step = load_model(args.checkpoint, device, use_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    T = diffusion.num_timesteps
-    if args.steps is not None and not 2 <= args.steps <= T:
-        raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
-    if args.guidance and not config.get("classes"):
-        raise SystemExit(f"error: --guidance needs a class-conditional model; {args.checkpoint} was trained without "
-                         f"--class_cond")
-    if args.guidance < 0:
-        raise SystemExit(f"error: --guidance {args.guidance} must be 0 (no guidance) or more")
-    return model, diffusion, config, step, device, autocast_dtype(device, args.precision)
-
-
-# -----------------------------------------------------------------------------
-# devices, precision, seeds
+# -- Devices and precision ----------------------------------------------------------------------------------------
 
 
 def pick_device(name="auto"):
-    """auto: CUDA if present, else the CPU. Under torchrun (LOCAL_RANK set) plain "cuda" is this process's own GPU,
-    cuda:LOCAL_RANK. Apple's mps is not picked: it has no float64, which the schedule is kept in."""
+    """auto: CUDA if present, else the CPU (not Apple's mps: no float64, which the schedule is kept in). Under
+    torchrun (LOCAL_RANK set) plain "cuda" is this process's own GPU, cuda:LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
@@ -397,8 +356,8 @@ def native_bf16(device):
 
 
 def autocast_dtype(device, precision):
-    """The dtype for torch.autocast (None: plain fp32) of --precision auto, fp32, bf16 or fp16. auto: bf16 where
-    native, else fp16 on a GPU (training then needs a GradScaler), else fp32."""
+    """torch.autocast's dtype for --precision (None: plain fp32); auto: bf16 where native, else fp16 on a GPU (which
+    then needs a GradScaler to train), else fp32."""
     device = torch.device(device)
     if precision == "auto":
         precision = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
@@ -416,8 +375,6 @@ def autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-# -----------------------------------------------------------------------------
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -428,10 +385,8 @@ if __name__ == "__main__":
     p.add_argument("src", nargs="+", metavar="SRC", help="folders of images, read in the order given, files sorted")
     p.add_argument("--out", required=True, help="folder to write 1.png ... N.png into (created if missing)")
     p.add_argument("--size", type=int, default=64, help="side of the square output images, in pixels")
-    p.add_argument("--min_size", type=int, default=None,
-                   help="skip images whose short side is below this (None: --size, so nothing is enlarged)")
+    p.add_argument("--min_size", type=int, default=None, help="skip images with a shorter side (None: --size)")
     p.add_argument("--overwrite", action="store_true", help="delete numbered PNGs already in --out first")
-    p.add_argument("--labels", action="store_true",
-                   help="also write OUT/labels.txt, line n the class of n.png: its first-level sub-folder of SRC")
+    p.add_argument("--labels", action="store_true", help="also write OUT/labels.txt: each image's sub-folder of SRC")
     args = parser.parse_args()
     prepare(args.src, args.out, args.size, args.min_size, args.overwrite, args.labels)

@@ -276,7 +276,7 @@ def bench_loader(repeats):
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(os.path.join(folder, f"{n}.png"))
         dataset = util.NumberedImages(folder, 64, mirror=True)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
-                                             sampler=train.ShuffleForever(len(dataset), 0),
+                                             sampler=train.shuffle_forever(len(dataset), 0),
                                              num_workers=args.num_workers, drop_last=True)
         seconds = seconds_per_4_batches(loader, repeats)  # its workers stop before their folder goes
     return 4 * args.batch_size / seconds, args.num_workers

@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 import sample  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
-from diffusion import GaussianDiffusion, classifier_free_guidance  # noqa: E402
+from diffusion import GaussianDiffusion, classifier_free_guidance, drop_labels  # noqa: E402
 from test_sample_eval import fail_lines  # noqa: E402
 
 evaluate = importlib.import_module("eval")  # the script eval.py; the name `eval` is Python's built-in
@@ -40,9 +40,9 @@ def labelled(tmp_path_factory):
 def test_label_dropout_replaces_labels_with_the_null_label_with_probability_p():
     torch.manual_seed(0)
     y = torch.arange(1000) % 5
-    assert torch.equal(train.drop_labels(y, 1.0, 5), torch.full_like(y, 5))
-    assert torch.equal(train.drop_labels(y, 0.0, 5), y)
-    dropped = train.drop_labels(y, 0.25, 5)
+    assert torch.equal(drop_labels(y, 1.0, 5), torch.full_like(y, 5))
+    assert torch.equal(drop_labels(y, 0.0, 5), y)
+    dropped = drop_labels(y, 0.25, 5)
     kept = dropped != 5
     assert torch.equal(dropped[kept], y[kept])  # a label is kept as it is, or becomes the null label
     assert 0.20 < (~kept).float().mean() < 0.30

@@ -94,10 +94,10 @@ def test_corrupt_image_is_reported_and_skipped(images, capsys):
 def test_sampler_resumes_mid_epoch_and_splits_ranks():
     def first(n, sampler):
         return [index for _, index in zip(range(n), iter(sampler))]
-    stream = first(50, train.ShuffleForever(20, seed=3))
+    stream = first(50, train.shuffle_forever(20, seed=3))
     assert sorted(stream[:20]) == list(range(20)) and sorted(stream[20:40]) == list(range(20))
-    assert first(23, train.ShuffleForever(20, seed=3, start=27)) == stream[27:]
-    rank0, rank1 = first(10, train.ShuffleForever(20, 3, rank=0, world_size=2)), first(10, train.ShuffleForever(20, 3, rank=1, world_size=2))
+    assert first(23, train.shuffle_forever(20, seed=3, start=27)) == stream[27:]
+    rank0, rank1 = first(10, train.shuffle_forever(20, 3, rank=0, world_size=2)), first(10, train.shuffle_forever(20, 3, rank=1, world_size=2))
     assert sorted(rank0 + rank1) == list(range(20))
 
 
