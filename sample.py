@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -193,7 +194,7 @@ def main(argv=None):
         for i, pixels in zip(batches[b], util.to_uint8(x)):  # the last batch keeps only the images it needs
             save_png(pixels, paths[i])
     if classes:  # the output is itself a labelled dataset
-        util.write_labels(out, [classes[i % len(classes)] for i in range(args.num)])
+        Path(out, "labels.txt").write_text("".join(f"{classes[i % len(classes)]}\n" for i in range(args.num)))
     print(f"wrote {args.num} images ({config['image_size']}x{config['image_size']}) to {out}")
 
     if args.npz:

@@ -102,9 +102,8 @@ ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks",
                 "classes", "super_res_from", "min_group_channels")
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "lr", "grad_norm", "images_per_s", "elapsed_s", "skipped", "loss_scale")
 
+
 # -- Data: util.NumberedImages, with mirrored copies (the random flip); here, only their order ----------------------
-
-
 def shuffle_forever(size, seed, start=0, rank=0, world_size=1):
     """Dataset indices reshuffled every epoch, forever, in an order set by the seed alone, so that a run resumed at
     step s skips the s * batch_size indices used. Under DDP rank r takes every world_size-th index."""
@@ -120,9 +119,8 @@ def leave_process_group(worker_id):
     # torchrun and Ctrl-C signal the rank's whole process group: a loader worker in a group of its own outlives them
     os.setpgid(0, 0)  # until its rank has saved (and ends when the rank does, which signals it by its pid, or dies)
 
+
 # -- Training ----------------------------------------------------------------------------------------------------
-
-
 def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step, args, amp_dtype, y=None):
     """One AdamW step on x0 (B, 3, H, W) (and labels y (B,)), then the EMA's; train_model: model or its DDP/compiled
     wrapper. Returns the weighted mean loss, per-example losses, gradient norm and whether all were finite."""
@@ -175,9 +173,8 @@ def build_optimizer(model, args):
     # fused: one kernel for all parameters; with fp16's scaler the skip check stays on the device (no .item())
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
+
 # -- Outputs: log.csv (+ loss.png, TensorBoard), sample grids ----------------------------------------------------
-
-
 class Log:
     """log.csv (+ loss.png, TensorBoard): a row at each log, save and sample step, the means over the finite steps
     since the last. Each step's numbers stay on the device until then (reading them every step would make the CPU
@@ -248,8 +245,6 @@ class Log:
 
 
 # -- The run: processes and devices; model, optimiser and resume; the loop ---------------------------------------
-
-
 def start_processes(args):
     """(device, rank, world size); under torchrun a process group, NCCL between GPUs, gloo between CPU processes."""
     device = util.pick_device(args.device)

@@ -31,9 +31,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's line breaks and shows every flag's default."""
 
+
 # -- Images -------------------------------------------------------------------------------------------------------
-
-
 def to_rgb(img):
     """Any PIL mode -> RGB. Transparent pixels become white (a plain convert("RGB") would make them black)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: scale to 0..255 first
@@ -98,14 +97,12 @@ def save_image_grid(x, path, nrow=None, column_labels=(), row_labels=(), labels_
 
 
 def downsample(x, size):
-    """(B, C, H, W) in [-1, 1] -> (B, C, size, size), box-filtered and rounded to 8 bits: a super-resolution model's
-    input, made in training as sample.py --low_res reads it from PNGs."""
+    """(B, C, H, W) in [-1, 1] -> (B, C, size, size), box-filtered and rounded to 8 bits as PNGs hold it (--low_res)."""
     x = F.interpolate(x, size=(size, size), mode="area")
     return ((x + 1) * 127.5).round() / 127.5 - 1
 
+
 # -- The dataset folder: 1.png ... N.png --------------------------------------------------------------------------
-
-
 def numbered_pngs(folder):
     return [p for p in Path(folder).glob("*.png") if re.fullmatch(r"\d+\.png", p.name)]
 
@@ -116,8 +113,7 @@ def read_labels(folder, count):
     fix = f"make it with: python util.py prepare SRC --out {folder} --labels (images in SRC/CLASS/)"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: a class-conditional model needs every image's class; {fix}")
-    with open(path) as f:
-        names = [line.strip() for line in f.read().splitlines()]
+    names = [line.strip() for line in Path(path).read_text().splitlines()]
     if len(names) != count:
         raise ValueError(f"{path} has {len(names)} lines for the {count} images of {folder}: line n must be the "
                          f"class of n.png; {fix}")
@@ -127,16 +123,10 @@ def read_labels(folder, count):
     return classes, [classes.index(name) for name in names]
 
 
-def write_labels(folder, names):
-    with open(os.path.join(folder, "labels.txt"), "w") as f:
-        f.write("".join(f"{name}\n" for name in names))
-
-
 class NumberedImages(torch.utils.data.Dataset):
     """1.png ... N.png as (3, size, size) tensors in [-1, 1], or with labels=True (image, class index) pairs.
     mirror=True (training) adds indices N..2N-1, the same images flipped left to right: the random flip, chosen by
-    train.py's seeded sampler so that a resumed run sees the same batches. A bad folder raises FileNotFoundError, a
-    bad labels.txt ValueError, each naming the file and the fix."""
+    train.py's seeded sampler so that a resumed run sees the same batches. A bad folder or labels.txt: one line."""
 
     def __init__(self, folder, image_size, labels=False, mirror=False):
         fix = f"make one with: python util.py prepare YOUR_IMAGES --out {folder} --size {image_size}"
@@ -180,9 +170,8 @@ class NumberedImages(torch.utils.data.Dataset):
 
 
 def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
-    """Merge folders of images into out/1.png ... N.png: RGB, centre-cropped square, size x size; images whose short
-    side is below min_size (default: size) are skipped. Returns N. labels: each image's class is its first-level
-    sub-folder of SRC (SRC/red_hair/x.png -> red_hair), written to out/labels.txt."""
+    """Merge folders of images into out/1.png ... N.png, RGB, centre-cropped to size x size, skipping those with a
+    side below min_size (None: size); returns N. labels: out/labels.txt, each image's sub-folder (SRC/CLASS/x.png)."""
     min_size = size if min_size is None else min_size
     files, ignored = [], 0  # (path, its first-level sub-folder: the class with --labels)
     for src in srcs:  # SRC folders in the order given, each one's files (sub-folders included) sorted
@@ -222,14 +211,13 @@ def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
         center_crop_resize(to_rgb(img), size).save(Path(out) / f"{len(written)}.png")
     print(f"wrote {len(written)} images ({size}x{size} RGB) to {out}; skipped {len(files) - len(written)}")
     if labels:
-        write_labels(out, written)
+        Path(out, "labels.txt").write_text("".join(f"{name}\n" for name in written))
         counts = {name: written.count(name) for name in sorted(set(written))}
         print(f"wrote labels.txt, {len(counts)} classes: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     return len(written)
 
+
 # -- Checkpoints: one self-describing file, written atomically, checked when read ---------------------------------
-
-
 def previous_checkpoint(path):
     """OUT/ckpt.prev.pt for OUT/ckpt.pt: the one save_checkpoint replaced last, for when the newest is damaged."""
     root, extension = os.path.splitext(os.fspath(path))
@@ -256,8 +244,7 @@ def load_checkpoint(path):
     path, previous = os.fspath(path), previous_checkpoint(path)
     use_previous = f"; {previous}, the checkpoint saved before it, may be intact" if os.path.isfile(previous) else ""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path, or train one with "
-                                f"train.py{use_previous}")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path, or train one{use_previous}")
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()  # the first record whose bytes do not match their CRC-32, or None
@@ -318,8 +305,8 @@ def build_model_and_diffusion(config):
 
 
 def load_model(path, device="cpu", use_ema=True):
-    """(network in eval mode on device, process, config, step) of a train.py checkpoint, with its EMA weights (the
-    ones to sample from) unless use_ema=False. One-line FileNotFoundError or ValueError for any other file."""
+    """(network in eval mode on device, process, config, step) of a train.py checkpoint, EMA weights unless not
+    use_ema. One-line FileNotFoundError or ValueError for any other file."""
     checkpoint = load_checkpoint(path)
     try:
         model, diffusion = build_model_and_diffusion(checkpoint["config"])
@@ -334,11 +321,8 @@ def load_model(path, device="cpu", use_ema=True):
 
 
 # -- Devices and precision ----------------------------------------------------------------------------------------
-
-
 def pick_device(name="auto"):
-    """auto: CUDA if present, else the CPU (not Apple's mps: no float64, which the schedule is kept in). Under
-    torchrun (LOCAL_RANK set) plain "cuda" is this process's own GPU, cuda:LOCAL_RANK."""
+    """auto: CUDA if present, else the CPU (not mps: no float64); under torchrun "cuda" is cuda:LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
@@ -347,8 +331,7 @@ def pick_device(name="auto"):
 
 
 def native_bf16(device):
-    """Whether device computes bf16 in hardware: GPUs from Ampere (8.0) on, CPUs with AVX-512 BF16 or AMX.
-    Elsewhere bf16 is emulated: on an AVX2-only CPU about 20x slower than fp32."""
+    """Whether device computes bf16 in hardware (GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX), not emulated."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
@@ -356,8 +339,7 @@ def native_bf16(device):
 
 
 def autocast_dtype(device, precision):
-    """torch.autocast's dtype for --precision (None: plain fp32); auto: bf16 where native, else fp16 on a GPU (which
-    then needs a GradScaler to train), else fp32."""
+    """torch.autocast's dtype for --precision (None: fp32); auto: bf16 where native, else fp16 on a GPU, else fp32."""
     device = torch.device(device)
     if precision == "auto":
         precision = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
@@ -376,17 +358,13 @@ def autocast(device, dtype):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="turn folders of images into a dataset folder of numbered PNGs",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                            description="Merge folders of .jpg/.jpeg/.png/.webp/.bmp images (sub-folders too) into "
-                            "OUT/1.png ... N.png: RGB (transparency on white), centre-cropped, resized.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("command", choices=["prepare"], help="make a dataset folder from folders of .jpg/.png/... images")
     p.add_argument("src", nargs="+", metavar="SRC", help="folders of images, read in the order given, files sorted")
     p.add_argument("--out", required=True, help="folder to write 1.png ... N.png into (created if missing)")
     p.add_argument("--size", type=int, default=64, help="side of the square output images, in pixels")
     p.add_argument("--min_size", type=int, default=None, help="skip images with a shorter side (None: --size)")
     p.add_argument("--overwrite", action="store_true", help="delete numbered PNGs already in --out first")
     p.add_argument("--labels", action="store_true", help="also write OUT/labels.txt: each image's sub-folder of SRC")
-    args = parser.parse_args()
+    args = p.parse_args()
     prepare(args.src, args.out, args.size, args.min_size, args.overwrite, args.labels)
