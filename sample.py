@@ -1,5 +1,5 @@
 """
-Generate images from a trained model as numbered PNGs 1.png ... N.png, e.g. for FID.
+Generate images from a trained model as numbered PNGs 1.png ... N.png, e.g. for FID (and train.py's sample grids).
 
     python sample.py runs/emoji/ckpt.pt --num 64 --steps 50       # 50 respaced steps (sec. 4): 20x faster
     python sample.py runs/anime64/ckpt.pt --num 50000 --out samples/ --npz samples.npz
@@ -73,12 +73,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def save_png(pixels, path):
-    """(H, W, 3) uint8 -> PNG, written under a temporary name and renamed: a PNG that exists is a complete one."""
-    Image.fromarray(pixels.numpy()).save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
-
-
 def open_low_res(args, config):
     """--low_res's S x S images as a util.NumberedImages, None for other models; one line when they do not fit."""
     folder, size = args.low_res, config.get("super_res_from")
@@ -108,8 +102,7 @@ def check_output_folder(out, settings):
     """out may hold only what an earlier run of this same command wrote; record the command there."""
     manifest = os.path.join(out, "sampling.json")
     if os.path.exists(manifest):
-        with open(manifest) as f:
-            previous = json.load(f)
+        previous = json.loads(Path(manifest).read_text())
         changed = [f"{key} {previous.get(key)} (now {value})" for key, value in settings.items()
                    if previous.get(key) != value]
         if changed:
@@ -118,8 +111,7 @@ def check_output_folder(out, settings):
     elif util.numbered_pngs(out):
         raise SystemExit(f"error: {out} already holds numbered PNGs that sample.py did not write; pass another --out")
     os.makedirs(out, exist_ok=True)
-    with open(manifest + ".tmp", "w") as f:
-        json.dump(settings, f, indent=1)
+    Path(manifest + ".tmp").write_text(json.dumps(settings, indent=1))
     os.replace(manifest + ".tmp", manifest)
 
 
@@ -151,6 +143,12 @@ def save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, tenso
     grid = util.save_image_grid(samples, path, nrow=nrow, row_labels=row_labels)
     if tensorboard is not None:  # the grid as saved, labels and all: (3, H, W) uint8
         tensorboard.add_image("samples", pil_to_tensor(grid), step)
+
+
+def save_png(pixels, path):
+    """(H, W, 3) uint8 -> PNG, written under a temporary name and renamed: a PNG that exists is a complete one."""
+    Image.fromarray(pixels.numpy()).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):

@@ -25,8 +25,6 @@ from tqdm import tqdm
 from diffusion import GaussianDiffusion
 from unet import UNet
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's line breaks and shows every flag's default."""
@@ -39,8 +37,7 @@ def to_rgb(img):
         img = img.convert("I").point(lambda v: v / 256).convert("L")
     if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
         return img.convert("RGB")
-    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA")).convert("RGB")
 
 
 def center_crop_resize(img, size):
@@ -98,8 +95,7 @@ def save_image_grid(x, path, nrow=None, column_labels=(), row_labels=(), labels_
 
 def downsample(x, size):
     """(B, C, H, W) in [-1, 1] -> (B, C, size, size), box-filtered and rounded to 8 bits as PNGs hold it (--low_res)."""
-    x = F.interpolate(x, size=(size, size), mode="area")
-    return ((x + 1) * 127.5).round() / 127.5 - 1
+    return ((F.interpolate(x, size=(size, size), mode="area") + 1) * 127.5).round() / 127.5 - 1
 
 
 # -- The dataset folder: 1.png ... N.png --------------------------------------------------------------------------
@@ -137,10 +133,9 @@ class NumberedImages(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no numbered PNGs (1.png, 2.png, ...) in {folder!r}; {fix}")
         missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
         if missing:
-            raise FileNotFoundError(
-                f"{os.path.join(folder, f'{missing[0]}.png')} is missing ({len(missing)} of 1..{numbers[-1]}.png are "
-                f"missing): the images must be numbered without gaps; renumber them with: "
-                f"python util.py prepare {folder} --out {folder}_renumbered --size {image_size}")
+            raise FileNotFoundError(f"{os.path.join(folder, f'{missing[0]}.png')} is missing ({len(missing)} of 1.."
+                                    f"{numbers[-1]}.png are): the images must be numbered without gaps; renumber them "
+                                    f"with: util.py prepare {folder} --out {folder}_renumbered --size {image_size}")
         self.paths = [os.path.join(folder, f"{n}.png") for n in numbers]
         self.image_size, self.mirror, self.reported = image_size, mirror, set()
         self.classes, self.labels = read_labels(folder, len(self.paths)) if labels else (None, None)
@@ -149,8 +144,7 @@ class NumberedImages(torch.utils.data.Dataset):
         return 2 * len(self.paths) if self.mirror else len(self.paths)
 
     def __getitem__(self, index):
-        # A corrupt file must not kill a long run: report it once and use the next image instead.
-        for attempt in range(len(self.paths)):
+        for attempt in range(len(self.paths)):  # a corrupt file must not kill a run: said once, the next one used
             chosen = (index + attempt) % len(self.paths)
             path = self.paths[chosen]
             try:
@@ -172,13 +166,13 @@ class NumberedImages(torch.utils.data.Dataset):
 def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
     """Merge folders of images into out/1.png ... N.png, RGB, centre-cropped to size x size, skipping those with a
     side below min_size (None: size); returns N. labels: out/labels.txt, each image's sub-folder (SRC/CLASS/x.png)."""
-    min_size = size if min_size is None else min_size
+    min_size, extensions = size if min_size is None else min_size, {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
     files, ignored = [], 0  # (path, its first-level sub-folder: the class with --labels)
     for src in srcs:  # SRC folders in the order given, each one's files (sub-folders included) sorted
         if not Path(src).is_dir() or Path(src).resolve() == Path(out).resolve():
             raise SystemExit(f"error: SRC {src} must be a folder of images, and not --out {out}")
         for p in sorted(Path(src).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.is_file() and p.suffix.lower() in extensions:
                 parts = p.relative_to(src).parts
                 if labels and len(parts) == 1:
                     raise SystemExit(f"error: {p} is not in a sub-folder of {src}: with --labels the sub-folder an "
@@ -194,13 +188,12 @@ def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
         p.unlink(missing_ok=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     if ignored:
-        print(f"ignored {ignored} files whose names do not end in {' '.join(sorted(IMAGE_EXTENSIONS))}")
+        print(f"ignored {ignored} files whose names do not end in {' '.join(sorted(extensions))}")
     written = []  # each written image's class
     for p, name in tqdm(files, desc="prepare", unit="img"):
         try:
             with Image.open(p) as img:
-                img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-                img.load()
+                img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF; read in full
         except Exception as e:
             tqdm.write(f"skip {p}: cannot read it as an image ({e})")
             continue
@@ -212,8 +205,8 @@ def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
     print(f"wrote {len(written)} images ({size}x{size} RGB) to {out}; skipped {len(files) - len(written)}")
     if labels:
         Path(out, "labels.txt").write_text("".join(f"{name}\n" for name in written))
-        counts = {name: written.count(name) for name in sorted(set(written))}
-        print(f"wrote labels.txt, {len(counts)} classes: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+        classes = sorted(set(written))
+        print(f"wrote labels.txt, {len(classes)} classes: " + ", ".join(f"{c} {written.count(c)}" for c in classes))
     return len(written)
 
 
@@ -225,8 +218,7 @@ def previous_checkpoint(path):
 
 
 def save_checkpoint(obj, path):
-    """torch.save to path.tmp (fsynced), then path renamed to ckpt.prev.pt and path.tmp to path: os.replace is
-    atomic, so a crash at any moment leaves the last complete checkpoint as path or (between the renames) the other."""
+    """torch.save to path.tmp, fsynced, then path -> ckpt.prev.pt and path.tmp -> path: atomic renames, kill -9 safe."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
@@ -315,8 +307,7 @@ def load_model(path, device="cpu", use_ema=True):
         raise ValueError(f"the weights in {path} do not fit the model its config describes ({type(error).__name__}): "
                          f"{os.path.basename(path)} is not a checkpoint made by this project's train.py, or comes from "
                          f"another version of it") from None
-    # NHWC: tensor cores on a GPU; on the CPU oneDNN's forward convs are faster in NHWC too (sampling 1.15-1.25x)
-    model.to(device, memory_format=torch.channels_last).eval()
+    model.to(device, memory_format=torch.channels_last).eval()  # NHWC: faster on GPUs, and CPUs (sampling 1.2x)
     return model, diffusion.to(device), checkpoint["config"], checkpoint["step"]
 
 
@@ -344,11 +335,10 @@ def autocast_dtype(device, precision):
     if precision == "auto":
         precision = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
     elif precision == "bf16" and not native_bf16(device):
-        print(f"warning: {device.type} here has no native bf16, so it is emulated and much slower than fp32 "
-              f"(about 20x on an AVX2 CPU); use --precision fp32, or auto", file=sys.stderr)
+        print(f"warning: no native bf16 on this {device.type}: emulated, ~20x slower than --precision fp32",
+              file=sys.stderr)
     elif precision == "fp16" and device.type == "cpu":
-        print("note: fp16 on the CPU rehearses a GPU without bf16, slowly: its convolution backward has no fast "
-              "kernel (some 100x slower than fp32)", file=sys.stderr)
+        print("note: fp16 on the CPU rehearses a GPU without bf16, slowly (conv backward ~100x fp32)", file=sys.stderr)
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
