@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,6 @@ def make_pictures(diffusion, model, config, dataset, args, device, out):
     gif = [util.image_grid(kept[i][0], nrow=4) for i in gif_steps]  # 80 ms a frame, the last one held for 2 s
     gif[0].save(os.path.join(out, "denoise.gif"), save_all=True, append_images=gif[1:],
                 duration=[80] * (len(gif) - 1) + [2000], loop=0)
-
     counts = sorted({k for k in STEPS_COMPARED if k < steps} | {steps})  # none above --steps: T can take hours
     first_rows = {key: value[:ROWS] for key, value in model_kwargs.items()}
     print(f"steps.png: K = {', '.join(map(str, counts))} steps", file=sys.stderr)
@@ -111,8 +111,7 @@ def make_pictures(diffusion, model, config, dataset, args, device, out):
 
 
 def psnr(x, reference):
-    """Peak signal-to-noise ratio in dB of each image x against reference, both (B, C, H, W) in [-1, 1], on the
-    8-bit pixels their PNGs hold: 10 log10(255^2 / MSE). Higher is closer; identical images give inf."""
+    """10 log10(255^2 / MSE) in dB of each image x (B, C, H, W) against reference, on their 8-bit PNG pixels."""
     mse = (util.to_uint8(x).float() - util.to_uint8(reference).float()).pow(2).flatten(1).mean(dim=1)  # (B,)
     return 10 * torch.log10(255 ** 2 / mse)
 
@@ -162,9 +161,8 @@ def measure_nll(diffusion, model, config, dataset, args, device, out):
     result = {key: torch.cat([r[key].cpu().double() for r in results]) for key in results[0]}
     total, prior = result["total_bpd"], result["prior_bpd"]  # (num,)
     vb, mse = result["vb"].mean(dim=0), result["mse"].mean(dim=0)  # (T,): each term's mean over the images
-    with open(os.path.join(out, "nll.csv"), "w") as f:
-        f.write("t,vb_bpd,mse\n")  # t = 0 is the decoder term L_0; means over the images
-        f.writelines(f"{t},{vb[t]:.9g},{mse[t]:.9g}\n" for t in range(T))
+    rows = "".join(f"{t},{vb[t]:.9g},{mse[t]:.9g}\n" for t in range(T))  # t = 0: the decoder term L_0
+    Path(out, "nll.csv").write_text("t,vb_bpd,mse\n" + rows)
     ax = Figure(figsize=(7, 4)).subplots()
     ax.plot(range(T), vb.numpy())
     ax.set(xlabel="t (0 = the decoder term L_0)", ylabel="L_t, bits/dim", yscale="log",

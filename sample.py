@@ -6,10 +6,9 @@ Generate images from a trained model as numbered PNGs 1.png ... N.png, e.g. for 
     python -m pytorch_fid samples/ AnimeFaces64/                   # FID (pip install pytorch-fid)
     python sample.py runs/superres/ckpt.pt --low_res small/ --steps 100   # super-resolution: small/N.png -> N.png
 
-Writes into --out 1.png ... N.png, sampling.json (the run's flags: a folder never mixes two runs) and, for a
-class-conditional model, labels.txt (line n: the class of n.png). Batch b draws all its noise from its own
-generator, seeded by --seed and b, at the full --batch_size: image i depends only on the checkpoint, the flags,
---seed, --batch_size, the device and i, so an interrupted run, started again, writes just the missing batches.
+Writes into --out 1.png ... N.png, sampling.json (its flags: a folder never mixes two runs) and, class-conditional,
+labels.txt. Batch b draws its noise from a generator seeded by --seed and b, at the full --batch_size: image i
+depends only on the checkpoint, the flags, the device and i, so a run started again writes just the missing batches.
 """
 import argparse
 import json
@@ -51,11 +50,9 @@ def load_for_sampling(args):
     T = diffusion.num_timesteps
     if args.steps is not None and not 2 <= args.steps <= T:
         raise SystemExit(f"error: --steps {args.steps} must be between 2 and the T = {T} the model was trained with")
-    if args.guidance and not config.get("classes"):
-        raise SystemExit(f"error: --guidance needs a class-conditional model; {args.checkpoint} was trained without "
-                         f"--class_cond")
-    if args.guidance < 0:
-        raise SystemExit(f"error: --guidance {args.guidance} must be 0 (no guidance) or more")
+    if args.guidance < 0 or (args.guidance and not config.get("classes")):
+        raise SystemExit(f"error: --guidance {args.guidance} needs a weight of 0 or more and a class-conditional model "
+                         f"(train.py --class_cond)")
     return model, diffusion, config, step, device, util.autocast_dtype(device, args.precision)
 
 
@@ -67,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="images per batch; changing it changes the images")
     p.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images")
     p.add_argument("--class", dest="classes", action="append", metavar="NAME",
-                   help="class-conditional models: the class to sample, repeatable (None: every class in turn)")
+                   help="the class to sample, repeatable (None: every class in turn)")
     p.add_argument("--low_res", metavar="DIR", help="super-resolution models: enlarge DIR/n.png into OUT/n.png")
     p.add_argument("--npz", metavar="FILE", help="also write the N images as one uint8 array (N, H, W, 3), key arr_0")
     return p.parse_args(argv)
@@ -103,8 +100,7 @@ def check_output_folder(out, settings):
     manifest = os.path.join(out, "sampling.json")
     if os.path.exists(manifest):
         previous = json.loads(Path(manifest).read_text())
-        changed = [f"{key} {previous.get(key)} (now {value})" for key, value in settings.items()
-                   if previous.get(key) != value]
+        changed = [f"{k} {previous.get(k)} (now {value})" for k, value in settings.items() if previous.get(k) != value]
         if changed:
             raise SystemExit(f"error: {out} holds images of another sampling run ({', '.join(changed)}): run that "
                              f"command to continue it, or pass another --out")
@@ -125,9 +121,9 @@ def save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, tenso
         num, row_labels = rows * nrow, config["classes"][:rows]
         model_kwargs["y"] = torch.arange(rows, device=device).repeat_interleave(nrow)  # row r: class r
     if config["super_res_from"]:
-        images = min(num, len(dataset.paths))  # indices below len(paths): not mirrored
-        nrow = max(1, math.isqrt(images))
-        num = nrow * (images // nrow)  # whole rows
+        num = min(num, len(dataset.paths))  # the first training images, not their mirrors
+        nrow = max(1, math.isqrt(num))
+        num -= num % nrow  # whole rows
         originals = torch.stack([dataset[i] for i in range(num)]).to(device)  # (num, 3, H, W)
         model_kwargs["low_res"] = util.downsample(originals, config["super_res_from"])  # (num, 3, S, S)
     # on a forked and restored random stream: sampling must not change the training run's
@@ -172,7 +168,6 @@ def main(argv=None):
         steps=args.steps or diffusion.num_timesteps, ddim=args.ddim, eta=args.eta, seed=args.seed,
         batch_size=args.batch_size, device=device.type, precision=str(amp_dtype or torch.float32), classes=classes,
         guidance=args.guidance, low_res=args.low_res and os.path.abspath(args.low_res)))
-
     paths = [os.path.join(out, f"{n}.png") for n in range(1, args.num + 1)]  # image i is paths[i]
     batches = [range(start, min(start + args.batch_size, args.num)) for start in range(0, args.num, args.batch_size)]
     todo = [b for b, images in enumerate(batches) if not all(os.path.exists(paths[i]) for i in images)]
@@ -194,7 +189,6 @@ def main(argv=None):
     if classes:  # the output is itself a labelled dataset
         Path(out, "labels.txt").write_text("".join(f"{classes[i % len(classes)]}\n" for i in range(args.num)))
     print(f"wrote {args.num} images ({config['image_size']}x{config['image_size']}) to {out}")
-
     if args.npz:
         array = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])  # (N, H, W, 3)
         np.savez(args.npz + ".tmp.npz", arr_0=array)  # uint8 under arr_0: the layout of the reference evaluator

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -112,8 +113,7 @@ def shuffle_forever(size, seed, start=0, rank=0, world_size=1):
 
 
 def leave_process_group(worker_id):
-    # torchrun and Ctrl-C signal the rank's whole process group: a loader worker in a group of its own outlives them
-    os.setpgid(0, 0)  # until its rank has saved (and ends when the rank does, which signals it by its pid, or dies)
+    os.setpgid(0, 0)  # torchrun and Ctrl-C signal the process group: in one of its own a worker outlives the save
 
 
 # -- Training ----------------------------------------------------------------------------------------------------
@@ -135,8 +135,7 @@ def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, ste
     chunk, chunk_losses = args.microbatch or B, []
     for start in range(0, B, chunk):
         part = slice(start, start + chunk)
-        # DDP all-reduces the gradients in every backward; once, after the last chunk's, is enough
-        last = start + chunk >= B
+        last = start + chunk >= B  # DDP all-reduces the gradients in every backward: once, after the last, is enough
         with contextlib.nullcontext() if last or not hasattr(train_model, "no_sync") else train_model.no_sync():
             with util.autocast(x0.device, amp_dtype):
                 losses = diffusion.training_losses(train_model, x0[part], t[part], noise[part],
@@ -166,28 +165,23 @@ def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, ste
 
 
 def build_optimizer(model, args):
-    # fused: one kernel for all parameters; with fp16's scaler the skip check stays on the device (no .item())
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # 1 kernel
 
 
 # -- Outputs: log.csv (+ loss.png, TensorBoard), sample grids ----------------------------------------------------
 class Log:
-    """log.csv (+ loss.png, TensorBoard): a row at each log, save and sample step, the means over the finite steps
-    since the last. Each step's numbers stay on the device until then (reading them every step would make the CPU
-    wait for the GPU). A row first stops the run, unsaved, at `limit` non-finite steps in a row (fp16: skipped)."""
+    """log.csv (+ loss.png, TensorBoard): at each log, save and sample step a row of means over the finite steps since
+    the last, kept on the device till then. A row first stops the run unsaved at `limit` non-finite steps in a row."""
 
     def __init__(self, args, step, limit, write):
-        self.out_dir, self.limit, self.write, self.last_step = args.out_dir, limit, write, step
+        self.path, self.limit, self.write, self.last_step = Path(args.out_dir, "log.csv"), limit, write, step
         self.start_time = self.clock = time.time()
         self.steps, self.in_a_row, self.tensorboard = [], 0, None  # each step's (loss, mse, vb, grad norm, finite)
         if not write:
             return
-        path, kept = os.path.join(args.out_dir, "log.csv"), []
-        if step and os.path.exists(path):  # a resume: the rows after the checkpoint go
-            with open(path) as f:
-                kept = [line for line in f.readlines()[1:] if int(line.split(",")[0]) <= step]
-        with open(path, "w") as f:
-            f.write(",".join(LOG_COLUMNS) + "\n" + "".join(kept))
+        kept = self.path.read_text().splitlines(keepends=True)[1:] if step and self.path.exists() else []
+        kept = [line for line in kept if int(line.split(",")[0]) <= step]  # a resume: the rows after the checkpoint go
+        self.path.write_text(",".join(LOG_COLUMNS) + "\n" + "".join(kept))
         if args.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -222,21 +216,19 @@ class Log:
         for column, value in list(row.items())[1:]:
             if self.tensorboard and value != "":
                 self.tensorboard.add_scalar(f"train/{column}", float(value), step)
-        if not self.write:
-            return row
-        with open(os.path.join(self.out_dir, "log.csv"), "a") as f:
-            f.write(",".join(map(str, row.values())) + "\n")
-        with open(os.path.join(self.out_dir, "log.csv")) as f:  # and loss.png, of every row
-            rows = list(csv.DictReader(f))
-        ax = Figure(figsize=(7, 4)).subplots()
-        for key in ("loss", "mse", "vb"):
-            points = [(int(row["step"]), float(row[key])) for row in rows if row[key]]  # "": all skipped, or no vb
-            if points:
-                ax.plot(*zip(*points), label=key)
-        ax.set(xlabel="training step", ylabel="loss (log scale)", yscale="log", title="mean over each log interval")
-        ax.legend()
-        ax.figure.savefig(os.path.join(self.out_dir, "loss.tmp.png"), dpi=100)
-        os.replace(os.path.join(self.out_dir, "loss.tmp.png"), os.path.join(self.out_dir, "loss.png"))
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(",".join(map(str, row.values())) + "\n")
+            logged = list(csv.DictReader(self.path.read_text().splitlines()))  # loss.png, of every row
+            ax = Figure(figsize=(7, 4)).subplots()
+            for key in ("loss", "mse", "vb"):
+                points = [(int(r["step"]), float(r[key])) for r in logged if r[key]]  # "": all skipped, or no vb
+                if points:
+                    ax.plot(*zip(*points), label=key)
+            ax.set(xlabel="training step", ylabel="loss (log scale)", yscale="log", title="mean over each log interval")
+            ax.legend()
+            ax.figure.savefig(self.path.with_name("loss.tmp.png"), dpi=100)
+            os.replace(self.path.with_name("loss.tmp.png"), self.path.with_name("loss.png"))
         return row
 
 
@@ -259,10 +251,9 @@ def start_processes(args):
 def build_or_resume(args, config, device, amp_dtype, rank=0):
     """(model, EMA, process, optimiser, scaler, step): new at step 0, or OUT's checkpoint's, random stream and all."""
     model, diffusion = util.build_model_and_diffusion(config)
-    model.to(device)
+    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # GPU: NHWC, for tensor cores
+    model.to(device, memory_format=layout)
     diffusion.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # NHWC convs use tensor cores without layout transposes
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # the weights we sample from
@@ -303,8 +294,7 @@ def save_checkpoint(path, model, ema, optimizer, scaler, diffusion, step, config
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM (a machine going away, train.sh restarting), SIGHUP (a closed terminal; not under nohup) and Ctrl-C
-    append their name to the list yielded: the loop then saves and exits. A second Ctrl-C stops at once."""
+    """SIGTERM, SIGHUP (unless ignored: nohup) and Ctrl-C put their name in the list yielded; a 2nd Ctrl-C: at once."""
     received = []
 
     def request_stop(signum, frame):
@@ -370,7 +360,6 @@ def main(argv=None):
             step += 1
             progress.update()
             log.add(loss, losses, grad_norm, finite)
-
             # -- a log row, a checkpoint, a sample grid: the only places that wait for the device -----------------
             stop = bool(received) or (args.max_minutes > 0 and time.time() - log.start_time > 60 * args.max_minutes)
             if world_size > 1:

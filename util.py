@@ -120,9 +120,8 @@ def read_labels(folder, count):
 
 
 class NumberedImages(torch.utils.data.Dataset):
-    """1.png ... N.png as (3, size, size) tensors in [-1, 1], or with labels=True (image, class index) pairs.
-    mirror=True (training) adds indices N..2N-1, the same images flipped left to right: the random flip, chosen by
-    train.py's seeded sampler so that a resumed run sees the same batches. A bad folder or labels.txt: one line."""
+    """1.png ... N.png as (3, size, size) tensors in [-1, 1] (labels=True: and class indices). mirror=True adds
+    N..2N-1, the same flipped: the random flip, picked by train.py's seeded sampler: a resume sees the same batches."""
 
     def __init__(self, folder, image_size, labels=False, mirror=False):
         fix = f"make one with: python util.py prepare YOUR_IMAGES --out {folder} --size {image_size}"
@@ -297,8 +296,7 @@ def build_model_and_diffusion(config):
 
 
 def load_model(path, device="cpu", use_ema=True):
-    """(network in eval mode on device, process, config, step) of a train.py checkpoint, EMA weights unless not
-    use_ema. One-line FileNotFoundError or ValueError for any other file."""
+    """(network in eval mode on device with EMA weights unless not use_ema, process, config, step); else one line."""
     checkpoint = load_checkpoint(path)
     try:
         model, diffusion = build_model_and_diffusion(checkpoint["config"])
