@@ -375,9 +375,9 @@ def main():
 # GPU memory of train.sh's recipe, estimated on the CPU (until a GPU measures it)
 
 
-def saved_for_backward(model, diffusion, x0, t, group_norm_fp32=False):
+def saved_for_backward(model, diffusion, x0, t, group_norm_fp32=False, dtype=torch.bfloat16):
     """(bytes per image, bytes per step) that one training forward of x0 keeps for its backward, under bf16
-    autocast: the tensors autograd saves (seen by saved-tensor hooks) and, with model.checkpointing, the inputs each
+    autocast (dtype: another, or torch.float32 for none): the tensors autograd saves (seen by saved-tensor hooks) and, with model.checkpointing, the inputs each
     checkpointed block keeps to run again (which the hooks do not see). Each storage is counted once; the weights
     are not counted, but the bf16 copies autocast makes of them are: per step, not per image.
     group_norm_fp32: run GroupNorm in fp32, as CUDA autocast does (it is on its fp32 list); CPU autocast runs it in
@@ -406,7 +406,7 @@ def saved_for_backward(model, diffusion, x0, t, group_norm_fp32=False):
             hooks.append(module.register_forward_pre_hook(lambda module, args: [count(x) for x in args] and None))
     try:
         with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 diffusion.training_losses(model, x0, t)
     finally:
         for hook in hooks:

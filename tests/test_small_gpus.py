@@ -238,8 +238,9 @@ def test_checkpointing_keeps_a_third_less_for_the_backward_at_the_anime64_shapes
     torch.manual_seed(0)
     model, diffusion = util.build_model_and_diffusion(vars(args))
     x0, t = torch.rand(1, 3, 64, 64) * 2 - 1, torch.tensor([500])
-    plain, _ = bench.saved_for_backward(model, diffusion, x0, t)  # bytes per image
+    # in fp32: bf16 autocast (the GPU's, ~113 MiB an image) is emulated on AVX2-only CPUs, minutes instead of a second
+    plain, _ = bench.saved_for_backward(model, diffusion, x0, t, dtype=torch.float32)  # bytes per image
     model.checkpointing = True
-    checkpointed, _ = bench.saved_for_backward(model, diffusion, x0, t)
-    assert plain > 100 * 2 ** 20  # ~107 MiB an image under CPU autocast
+    checkpointed, _ = bench.saved_for_backward(model, diffusion, x0, t, dtype=torch.float32)
+    assert plain > 180 * 2 ** 20  # ~196 MiB an image
     assert checkpointed < (2 / 3) * plain
