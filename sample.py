@@ -56,6 +56,36 @@ def load_for_sampling(args):
     return model, diffusion, config, step, device, util.autocast_dtype(device, args.precision)
 
 
+def save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, tensorboard=None):
+    """OUT/samples/STEP.png: EMA samples in 50 respaced steps (sec. 4), the same noise each time. Class-conditional:
+    a row per class (the first 8). Super-resolution: rows of three, low-res input, sample, original."""
+    num, nrow, model_kwargs, row_labels, size = config["num_samples"], None, {}, [], config["image_size"]
+    if config["classes"]:
+        rows = min(8, len(config["classes"]))
+        nrow = max(1, num // rows)
+        num, row_labels = rows * nrow, config["classes"][:rows]
+        model_kwargs["y"] = torch.arange(rows, device=device).repeat_interleave(nrow)  # row r: class r
+    if config["super_res_from"]:
+        num = min(num, len(dataset.paths))  # the first training images, not their mirrors
+        nrow = max(1, math.isqrt(num))
+        num -= num % nrow  # whole rows
+        originals = torch.stack([dataset[i] for i in range(num)]).to(device)  # (num, 3, H, W)
+        model_kwargs["low_res"] = util.downsample(originals, config["super_res_from"])  # (num, 3, S, S)
+    # on a forked and restored random stream: sampling must not change the training run's
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), util.autocast(device, amp_dtype):
+        torch.manual_seed(config["seed"])
+        samples = diffusion.sample(ema, (num, 3, size, size), steps=min(50, diffusion.num_timesteps), device=device,
+                                   model_kwargs=model_kwargs).float()  # (num, 3, H, W) in [-1, 1]
+    if config["super_res_from"]:
+        blocky = F.interpolate(model_kwargs["low_res"], size=(size, size), mode="nearest")  # as it is: big pixels
+        samples = torch.stack([blocky, samples, originals]).unflatten(1, (-1, nrow)).transpose(0, 1).flatten(0, 2)
+        row_labels = [f"{config['super_res_from']}x{config['super_res_from']}", "sample", "original"] * (num // nrow)
+    path = os.path.join(config["out_dir"], "samples", f"{step:06d}.png")
+    grid = util.save_image_grid(samples, path, nrow=nrow, row_labels=row_labels)
+    if tensorboard is not None:  # the grid as saved, labels and all: (3, H, W) uint8
+        tensorboard.add_image("samples", pil_to_tensor(grid), step)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=util.HelpFormatter)
     add_sampling_flags(p)  # checkpoint, --steps, --ddim, --eta, --guidance, --no_ema, --precision, --device
@@ -109,36 +139,6 @@ def check_output_folder(out, settings):
     os.makedirs(out, exist_ok=True)
     Path(manifest + ".tmp").write_text(json.dumps(settings, indent=1))
     os.replace(manifest + ".tmp", manifest)
-
-
-def save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, tensorboard=None):
-    """OUT/samples/STEP.png: EMA samples in 50 respaced steps (sec. 4), the same noise each time. Class-conditional:
-    a row per class (the first 8). Super-resolution: rows of three, low-res input, sample, original."""
-    num, nrow, model_kwargs, row_labels, size = config["num_samples"], None, {}, [], config["image_size"]
-    if config["classes"]:
-        rows = min(8, len(config["classes"]))
-        nrow = max(1, num // rows)
-        num, row_labels = rows * nrow, config["classes"][:rows]
-        model_kwargs["y"] = torch.arange(rows, device=device).repeat_interleave(nrow)  # row r: class r
-    if config["super_res_from"]:
-        num = min(num, len(dataset.paths))  # the first training images, not their mirrors
-        nrow = max(1, math.isqrt(num))
-        num -= num % nrow  # whole rows
-        originals = torch.stack([dataset[i] for i in range(num)]).to(device)  # (num, 3, H, W)
-        model_kwargs["low_res"] = util.downsample(originals, config["super_res_from"])  # (num, 3, S, S)
-    # on a forked and restored random stream: sampling must not change the training run's
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), util.autocast(device, amp_dtype):
-        torch.manual_seed(config["seed"])
-        samples = diffusion.sample(ema, (num, 3, size, size), steps=min(50, diffusion.num_timesteps), device=device,
-                                   model_kwargs=model_kwargs).float()  # (num, 3, H, W) in [-1, 1]
-    if config["super_res_from"]:
-        blocky = F.interpolate(model_kwargs["low_res"], size=(size, size), mode="nearest")  # as it is: big pixels
-        samples = torch.stack([blocky, samples, originals]).unflatten(1, (-1, nrow)).transpose(0, 1).flatten(0, 2)
-        row_labels = [f"{config['super_res_from']}x{config['super_res_from']}", "sample", "original"] * (num // nrow)
-    path = os.path.join(config["out_dir"], "samples", f"{step:06d}.png")
-    grid = util.save_image_grid(samples, path, nrow=nrow, row_labels=row_labels)
-    if tensorboard is not None:  # the grid as saved, labels and all: (3, H, W) uint8
-        tensorboard.add_image("samples", pil_to_tensor(grid), step)
 
 
 def save_png(pixels, path):

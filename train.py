@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--save_every", type=int, default=500, help="write OUT/ckpt.pt every N steps")
     p.add_argument("--sample_every", type=int, default=500, help="a grid of EMA samples every N steps (0: at the end)")
     p.add_argument("--num_samples", type=int, default=36, help="images in each sample grid")
-    p.add_argument("--log_every", type=int, default=50, help="a row of OUT/log.csv every N steps (and each save)")
+    p.add_argument("--log_every", type=int, default=50, help="a row of OUT/log.csv every N steps (and at saves, grids)")
     p.add_argument("--tensorboard", action=on_off, default=False, help="also log to OUT/tensorboard/")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast: auto = bf16 where native, else fp16 (+ loss scaling) on a GPU, else fp32")
@@ -168,7 +168,7 @@ def build_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # 1 kernel
 
 
-# -- Outputs: log.csv (+ loss.png, TensorBoard), sample grids ----------------------------------------------------
+# -- Outputs: log.csv, loss.png, TensorBoard (the sample grids: sample.save_samples) -----------------------------
 class Log:
     """log.csv (+ loss.png, TensorBoard): at each log, save and sample step a row of means over the finite steps since
     the last, kept on the device till then. A row first stops the run unsaved at `limit` non-finite steps in a row."""
@@ -260,9 +260,9 @@ def build_or_resume(args, config, device, amp_dtype, rank=0):
     checkpoint = util.resume_checkpoint(args.out_dir, rank)
     if checkpoint is None:
         return model, ema, diffusion, optimizer, scaler, 0
-    trained = {"class_cond": False, "classes": None, "super_res_from": None, "min_group_channels": 1,
-               **checkpoint["config"]}  # older checkpoints: no classes, no super-resolution, DDPM's GroupNorm rule
-    changed = [f"--{k} {trained[k]} (now {config[k]})" for k in ARCHITECTURE if str(trained.get(k)) != str(config[k])]
+    saved = {"class_cond": False, "classes": None, "super_res_from": None, "min_group_channels": 1,
+             **checkpoint["config"]}  # older checkpoints: no classes, no super-resolution, DDPM's GroupNorm rule
+    changed = [f"--{k} {saved.get(k)} (now {config[k]})" for k in ARCHITECTURE if str(saved.get(k)) != str(config[k])]
     if changed:
         raise SystemExit(f"the checkpoint in {args.out_dir} was trained with {', '.join(changed)}: pass the same "
                          f"flags to resume, or a new --out_dir to start another run")

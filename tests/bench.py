@@ -376,10 +376,10 @@ def main():
 
 
 def saved_for_backward(model, diffusion, x0, t, group_norm_fp32=False, dtype=torch.bfloat16):
-    """(bytes per image, bytes per step) that one training forward of x0 keeps for its backward, under bf16
-    autocast (dtype: another, or torch.float32 for none): the tensors autograd saves (seen by saved-tensor hooks) and, with model.checkpointing, the inputs each
-    checkpointed block keeps to run again (which the hooks do not see). Each storage is counted once; the weights
-    are not counted, but the bf16 copies autocast makes of them are: per step, not per image.
+    """(bytes per image, bytes per step) that one training forward of x0 keeps for its backward, under autocast to
+    dtype (torch.float32: none): the tensors autograd saves (seen by saved-tensor hooks) and, with model.checkpointing,
+    the inputs each checkpointed block keeps to run again (which the hooks do not see). Each storage is counted once;
+    the weights are not counted, but the bf16 copies autocast makes of them are: per step, not per image.
     group_norm_fp32: run GroupNorm in fp32, as CUDA autocast does (it is on its fp32 list); CPU autocast runs it in
     bf16. GroupNorm then saves and returns fp32, so the SiLU and scale-shift after it save fp32 too."""
     per_batch, per_step, seen = 0, 0, set()
