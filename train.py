@@ -202,7 +202,7 @@ class Log:
                         f"with the fp16 loss scale down to {scaler.get_scale():g}" if scaler.is_enabled() else
                         f"the loss or gradients became non-finite at step {n}")
                 raise SystemExit(f"error: {what}; stopped without saving, the last good checkpoint is {ckpt_path}. "
-                                 f"Try a lower --lr, or --precision fp32")
+                                 f"Try a lower --lr, --precision fp32 or, with fp16, a larger --max_skipped_steps")
         finite = [values[:4] for values in steps if values[4]]  # a skipped step's NaNs stay out of the means
         means = [sum(column) / len(finite) for column in zip(*finite)] if finite else [math.nan] * 4
         loss, mse, vb, grad_norm = [f"{mean:{digits}}" if math.isfinite(mean) else ""  # "": all skipped, or no vb
