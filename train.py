@@ -177,15 +177,15 @@ class Log:
         self.path, self.limit, self.write, self.last_step = Path(args.out_dir, "log.csv"), limit, write, step
         self.start_time = self.clock = time.time()
         self.steps, self.in_a_row, self.tensorboard = [], 0, None  # each step's (loss, mse, vb, grad norm, finite)
-        if not write:
-            return
-        kept = self.path.read_text().splitlines(keepends=True)[1:] if step and self.path.exists() else []
-        kept = [line for line in kept if int(line.split(",")[0]) <= step]  # a resume: the rows after the checkpoint go
-        self.path.write_text(",".join(LOG_COLUMNS) + "\n" + "".join(kept))
-        if args.tensorboard:
+        if write:  # on a resume the rows after the checkpoint go; the rest are kept, and plotted, with the new ones
+            kept = self.path.read_text().splitlines(keepends=True)[1:] if step and self.path.exists() else []
+            kept = [line for line in kept if int(line.split(",")[0]) <= step]
+            self.path.write_text(",".join(LOG_COLUMNS) + "\n" + "".join(kept))
+            self.rows = list(csv.DictReader([",".join(LOG_COLUMNS), *kept]))
+        if write and args.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(os.path.join(args.out_dir, "tensorboard"), purge_step=step or None)
+                self.tensorboard = SummaryWriter(f"{args.out_dir}/tensorboard", purge_step=step or None, flush_secs=10)
             except ImportError:
                 print("tensorboard is not installed, so no OUT/tensorboard/: pip install tensorboard", file=sys.stderr)
 
@@ -219,10 +219,10 @@ class Log:
         if self.write:
             with open(self.path, "a") as f:
                 f.write(",".join(map(str, row.values())) + "\n")
-            logged = list(csv.DictReader(self.path.read_text().splitlines()))  # loss.png, of every row
+            self.rows.append(row)  # loss.png, of every row
             ax = Figure(figsize=(7, 4)).subplots()
             for key in ("loss", "mse", "vb"):
-                points = [(int(r["step"]), float(r[key])) for r in logged if r[key]]  # "": all skipped, or no vb
+                points = [(int(r["step"]), float(r[key])) for r in self.rows if r[key]]  # "": all skipped, or no vb
                 if points:
                     ax.plot(*zip(*points), label=key)
             ax.set(xlabel="training step", ylabel="loss (log scale)", yscale="log", title="mean over each log interval")
