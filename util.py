@@ -311,12 +311,19 @@ def load_model(path, device="cpu", use_ema=True):
 
 # -- Devices and precision ----------------------------------------------------------------------------------------
 def pick_device(name="auto"):
-    """auto: CUDA if present, else the CPU (not mps: no float64); under torchrun "cuda" is cuda:LOCAL_RANK."""
+    """--device as a torch.device, with an index on CUDA: set_device and the GPU's random stream need one. auto: CUDA
+    if present, else the CPU (not mps: no float64); cuda: cuda:LOCAL_RANK under torchrun, else cuda:0."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    return torch.device(name)
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name} is not a device; try auto, cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}, but torch sees {torch.cuda.device_count()} CUDA GPUs here")
+    return device
 
 
 def native_bf16(device):

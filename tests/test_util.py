@@ -273,16 +273,19 @@ def test_labelled_grid_puts_the_images_beside_their_labels():
     assert dark_pixels(rows, (0, 0, left, 8)) == 0
 
 
-def test_pick_device(monkeypatch):
+def test_pick_device_gives_cuda_an_index(fake_gpu, monkeypatch):
     assert util.pick_device("cpu") == torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_gpu(count=2)
+    assert util.pick_device() == torch.device("cuda:0")  # one process: set_device and the random stream need an index
+    assert util.pick_device("cuda") == torch.device("cuda:0")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert util.pick_device("auto") == torch.device("cuda:1")  # torchrun: one GPU per process
     assert util.pick_device("cuda") == torch.device("cuda:1")  # plain cuda too, or every rank would be on GPU 0
     assert util.pick_device("cuda:0") == torch.device("cuda:0")  # a GPU named by number is taken as named
     assert util.pick_device("cpu") == torch.device("cpu")
-    monkeypatch.delenv("LOCAL_RANK")
-    assert util.pick_device() == torch.device("cuda")
+    for wrong, words in (("cuda:2", "torch sees 2 CUDA GPUs"), ("gpu", "is not a device")):
+        with pytest.raises(SystemExit, match=words):
+            util.pick_device(wrong)
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True),
@@ -301,14 +304,6 @@ def test_autocast_dtype_on_the_cpu_is_bf16_only_where_it_is_native(monkeypatch, 
     assert util.autocast_dtype(cpu, "fp16") is torch.float16  # the GPU path of older cards, rehearsed on the CPU
     note = capsys.readouterr().err
     assert "rehearses" in note and len(note.splitlines()) == 1
-
-
-@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
-                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
-def test_autocast_dtype_on_cuda_is_bf16_from_ampere_on(monkeypatch, capability, expected):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert util.autocast_dtype(torch.device("cuda:0"), "auto") is expected  # V100, T4: fp16; A100, H100: bf16
-    assert util.autocast_dtype(torch.device("cuda:0"), "fp16") is torch.float16
 
 
 # --------------------------------------------------------------------------- the bundled emoji data
