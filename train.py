@@ -9,7 +9,6 @@ samples/STEP.png. A run resumes from OUT/ckpt.pt (ckpt.prev.pt if it is damaged)
 and exit. Then `python eval.py OUT/ckpt.pt`.
 """
 import argparse
-import atexit
 import contextlib
 import copy
 import csv
@@ -121,7 +120,8 @@ def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, ste
     """One AdamW step on x0 (B, 3, H, W) (and labels y (B,)), then the EMA's; train_model: model or its DDP/compiled
     wrapper. Returns the weighted mean loss, per-example losses, gradient norm and whether all were finite."""
     B = x0.shape[0]
-    # Everything random is drawn for the whole batch before it is split: --microbatch changes memory, not results
+    # t, the noise and the dropped labels are drawn for the whole batch before it is split, so --microbatch takes the
+    # same step but for float rounding and dropout, whose masks are drawn chunk by chunk (others, from the same law)
     t, weights = diffusion.sample_timesteps(B, x0.device)  # weights: importance sampling's 1 / (T p_t)
     noise = torch.randn_like(x0)
     model_kwargs = {}
@@ -154,13 +154,11 @@ def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, ste
     scaler.update()  # after a skipped step, halves the scale
     if diffusion.importance_sampling:
         diffusion.update_loss_history(t, losses["loss"])  # non-finite losses are left out
-    # EMA (DDPM, sec. 4), its decay warmed up so that short runs get a useful one; a skipped step leaves it as it is
+    # EMA (DDPM, sec. 4), its decay warmed up so that short runs get a useful one: ema += (1 - decay) (model - ema), in
+    # place. After a skipped fp16 step the weights are as they were, and the EMA moves towards them as after any step
     decay = min(args.ema_rate, (1 + step) / (10 + step))
     with torch.no_grad():
-        ema_params, params = list(ema.parameters()), list(model.parameters())
-        deltas = torch._foreach_sub(params, ema_params)
-        torch._foreach_mul_(deltas, (1 - decay) * finite_step)  # (1 - decay) (model - ema), or 0: on the device
-        torch._foreach_add_(ema_params, deltas)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
     return (losses["loss"] * weights).mean(), losses, grad_norm, finite_step
 
 
@@ -194,7 +192,12 @@ class Log:
         self.steps.append(torch.stack([loss, losses["mse"].mean(), vb, grad_norm, finite_step]).detach().float())
 
     def row(self, step, lr, images_per_step, scaler, ckpt_path):
-        steps, self.steps = torch.stack(self.steps).tolist(), []  # (steps, 5): the one wait for the device
+        steps = torch.stack(self.steps)  # (steps, 5)
+        self.steps = []
+        if dist.is_initialized():  # the mean over the ranks, as for the gradients (norm and finiteness agree already)
+            dist.all_reduce(steps)
+            steps /= dist.get_world_size()
+        steps = steps.tolist()  # the one wait for the device
         for n, (*_, finite) in enumerate(steps, start=self.last_step + 1):
             self.in_a_row = 0 if finite else self.in_a_row + 1
             if self.in_a_row >= self.limit:
@@ -240,19 +243,22 @@ def start_processes(args):
         torch.cuda.set_device(device)  # cuda:1 in one process too: its random stream is the one sampling uses
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # Ampere on: same, faster
         torch.backends.cudnn.benchmark = True
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # destroyed at the end of main, and only there (see there)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(args.seed + rank)  # the CPU's and every GPU's stream
     return device, rank, world_size
 
 
+def memory_format(device):
+    """The layout of the weights and images: NHWC (channels_last) on a GPU, for its tensor cores; on a CPU as it is."""
+    return torch.channels_last if device.type == "cuda" else torch.preserve_format
+
+
 def build_or_resume(args, config, device, amp_dtype, rank=0):
     """(model, EMA, process, optimiser, scaler, step): new at step 0, or OUT's checkpoint's, random stream and all."""
     model, diffusion = util.build_model_and_diffusion(config)
-    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # GPU: NHWC, for tensor cores
-    model.to(device, memory_format=layout)
+    model.to(device, memory_format=memory_format(device))
     diffusion.to(device)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
@@ -260,12 +266,7 @@ def build_or_resume(args, config, device, amp_dtype, rank=0):
     checkpoint = util.resume_checkpoint(args.out_dir, rank)
     if checkpoint is None:
         return model, ema, diffusion, optimizer, scaler, 0
-    saved = {"class_cond": False, "classes": None, "super_res_from": None, "min_group_channels": 1,
-             **checkpoint["config"]}  # older checkpoints: no classes, no super-resolution, DDPM's GroupNorm rule
-    changed = [f"--{k} {saved.get(k)} (now {config[k]})" for k in ARCHITECTURE if str(saved.get(k)) != str(config[k])]
-    if changed:
-        raise SystemExit(f"the checkpoint in {args.out_dir} was trained with {', '.join(changed)}: pass the same "
-                         f"flags to resume, or a new --out_dir to start another run")
+    check_architecture(checkpoint["config"], config, args.out_dir)
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     diffusion.load_state_dict(checkpoint["diffusion"])
@@ -276,13 +277,29 @@ def build_or_resume(args, config, device, amp_dtype, rank=0):
                 state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
     if checkpoint["scaler"]:  # empty when saved without fp16: a run may change precision between resumes
         scaler.load_state_dict(checkpoint["scaler"])
-    if dist.is_initialized():  # one rank's random state was saved; each rank takes its own stream from the step
-        torch.manual_seed(args.seed + rank + 1000 * checkpoint["step"])
-    else:
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    restore_random_state(checkpoint, args.seed, rank, device)
     return model, ema, diffusion, optimizer, scaler, checkpoint["step"]
+
+
+def check_architecture(saved, config, out_dir):
+    """Stop with one line if the checkpoint's model or process is not the one these flags build."""
+    saved = {"class_cond": False, "classes": None, "super_res_from": None, "min_group_channels": 1,
+             **saved}  # older checkpoints: no classes, no super-resolution, DDPM's GroupNorm rule
+    changed = [f"--{k} {saved.get(k)} (now {config[k]})" for k in ARCHITECTURE if str(saved.get(k)) != str(config[k])]
+    if changed:
+        raise SystemExit(f"the checkpoint in {out_dir} was trained with {', '.join(changed)}: pass the same "
+                         f"flags to resume, or a new --out_dir to start another run")
+
+
+def restore_random_state(checkpoint, seed, rank, device):
+    """One process: the saved random streams, the CPU's and the GPU's, so that the run goes on as if it never
+    stopped. Under DDP one rank's state was saved: each rank takes a stream of its own from the step."""
+    if dist.is_initialized():
+        torch.manual_seed(seed + rank + 1000 * checkpoint["step"])
+        return
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if checkpoint["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
 
 
 def save_checkpoint(path, model, ema, optimizer, scaler, diffusion, step, config, device):
@@ -311,11 +328,12 @@ def stop_signals():
             signal.signal(signum, handler)
 
 
-def ranks_agree_to_stop(stop, device):
-    """Whether any rank wants to stop: all must stop at the same step (one alone would hang the others)."""
-    stop = torch.tensor(float(stop), device=device)
-    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-    return bool(stop.item())
+def ranks_agree_to_stop(stop, flag):
+    """Whether any rank wants to stop: all must stop at the same step (one alone would hang the others). flag: a
+    tensor on the device, filled without waiting for it; the all-reduce's result is the one value read back."""
+    flag.fill_(stop)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def main(argv=None):
@@ -337,11 +355,14 @@ def main(argv=None):
         if args.compile:
             train_model = torch.compile(train_model)
         sampler = shuffle_forever(len(dataset), args.seed, step * args.batch_size, rank, world_size)
+        # Workers forked, as on Linux before Python 3.14: its new default, forkserver, starts a server process in our
+        # process group, where the SIGTERM or Ctrl-C meant for us kills it, and the workers with it
+        fork = "fork" if sys.platform == "linux" and args.num_workers > 0 else None
         batches = iter(torch.utils.data.DataLoader(  # its own generator: the run's random stream is the model's alone
             dataset, args.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(0),
             num_workers=args.num_workers, persistent_workers=args.num_workers > 0, pin_memory=device.type == "cuda",
-            worker_init_fn=leave_process_group))
-        layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # the model's
+            worker_init_fn=leave_process_group, multiprocessing_context=fork))
+        stop_flag = torch.zeros((), device=device)  # DDP: whether any rank was told to stop
         if is_main:
             os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
             start = f"resuming at step {step}" if step else "starting"
@@ -353,7 +374,7 @@ def main(argv=None):
         stop_reason = "max_steps"
         while step < args.max_steps and stop_reason == "max_steps":
             x0, y = next(batches) if args.class_cond else (next(batches), None)  # (B, 3, H, W) in [-1, 1], (B,)
-            x0 = x0.to(device, non_blocking=True, memory_format=layout)
+            x0 = x0.to(device, non_blocking=True, memory_format=memory_format(device))
             y = y if y is None else y.to(device, non_blocking=True)
             loss, losses, grad_norm, finite = training_step(train_model, model, ema, diffusion, optimizer, scaler, x0,
                                                             step, args, amp_dtype, y)
@@ -363,7 +384,7 @@ def main(argv=None):
             # -- a log row, a checkpoint, a sample grid: the only places that wait for the device -----------------
             stop = bool(received) or (args.max_minutes > 0 and time.time() - log.start_time > 60 * args.max_minutes)
             if world_size > 1:
-                stop = step % 10 == 0 and ranks_agree_to_stop(stop, device)  # a wait for the GPU: not every step
+                stop = step % 10 == 0 and ranks_agree_to_stop(stop, stop_flag)  # a wait for the GPU: not every step
             at_save_step = step % args.save_every == 0 or step == args.max_steps or stop
             at_sample_step = args.sample_every and step % args.sample_every == 0 or step == args.max_steps
             if not (step % args.log_every == 0 or at_save_step or at_sample_step):
@@ -384,7 +405,11 @@ def main(argv=None):
         progress.close()
         if log.tensorboard is not None:
             log.tensorboard.close()
-        return step
+    # Only here, at a clean end: after an exception NCCL's destroy would wait for collectives the other ranks never
+    # join, a hang; a rank that exits without it lets torchrun see the failure and stop the others
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return step
 
 
 if __name__ == "__main__":

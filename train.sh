@@ -1,14 +1,15 @@
 #!/bin/sh
-# The 64x64 anime-faces recipe, as it is for GPUs of 24 GB or more, one or several (an estimated 13 GiB a GPU;
+# The 64x64 anime-faces recipe, as it is for GPUs of 24 GB or more, one or several (an estimated 14 GiB a GPU;
 # 12-16 GB: add --microbatch 32; 8 GB: --microbatch 16 or --checkpointing; see the README):
 #
 #     python util.py prepare ~/Downloads/animefacedataset --out AnimeFaces64 --size 64    # once
 #     sh train.sh [more train.py flags, which override the ones below]
 #     tail -f runs/anime64/train.log
 #
-# It trains in the background (nohup: closing the terminal does not stop it) and writes its pid to OUT/train.pid.
-# Running it again stops that run with SIGTERM, waits for it to save OUT/ckpt.pt, and starts again, which
-# resumes. It only ever signals the pid it wrote itself.
+# It trains in the background, in a session of its own (closing the terminal does not stop it), and writes its pid
+# to OUT/train.pid. Running it again stops that run with SIGTERM, waits for it to save OUT/ckpt.pt, and starts
+# again, which resumes. It only ever signals the pid it wrote itself. One process a GPU (NPROC=N: N processes;
+# NPROC=2 sh train.sh --device cpu rehearses the two-GPU launch on a CPU).
 set -eu
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
@@ -57,9 +58,14 @@ if [ -f "$PIDFILE" ]; then
     rm -f "$PIDFILE"
 fi
 
-# One process per visible GPU. torchrun forwards SIGTERM to every rank and gives them 30 s to save.
-if [ "$GPUS" -gt 1 ] && [ -z "$DEVICE" ]; then
-    LAUNCH="$PYTHON -m torch.distributed.run --standalone --nproc_per_node=$GPUS"
+# One process per visible GPU, or one on the --device given. torchrun forwards SIGTERM to every rank and kills
+# them PET_SHUTDOWN_TIMEOUT seconds later (its default, 30, is short for writing 1.5 GB on a slow disk; it is also
+# how long a rank stuck behind another's crash can linger).
+if [ -z "$DEVICE" ]; then
+    NPROC=${NPROC:-$GPUS}
+fi
+if [ "${NPROC:-1}" -gt 1 ]; then
+    LAUNCH="$PYTHON -m torch.distributed.run --standalone --nproc_per_node=$NPROC"
 else
     LAUNCH=$PYTHON
 fi
@@ -70,7 +76,9 @@ fi
 # same steps in less memory. Extra flags are not remembered: a restart runs with the flags it is given.
 touch "$OUT/train.log"
 log_start=$(($(wc -l < "$OUT/train.log") + 1))  # the log is appended to: this run's lines start here
-nohup $LAUNCH train.py \
+# setsid: a session of its own has no terminal whose closing could stop it (nohup is not enough: torchrun answers
+# SIGHUP itself, whatever nohup set)
+PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-50} setsid $LAUNCH train.py \
     --data_dir AnimeFaces64 --out_dir runs/anime64 --image_size 64 \
     --base_channels 128 --channel_mult 1,2,3,4 --num_res_blocks 2 --attention_resolutions 16,8 --num_heads 4 \
     --dropout 0.1 --num_timesteps 1000 --noise_schedule cosine --loss_type hybrid --learn_sigma \

@@ -1,23 +1,30 @@
-"""The faults of the CUDA paths (issue 24), pinned on the CPU: stop signals with loader workers save, a run may change
-precision or device between resumes, a resume keeps no copy of its checkpoint, a stop saves before it samples, and
-train.sh refuses a machine without a GPU. (--device cuda under torchrun is tests/test_util.py::test_pick_device.)"""
+"""The faults of the CUDA paths (issues 24 and 30), pinned on the CPU: stop signals with loader workers save (under
+Python 3.14's forkserver too), a failure on one rank ends a torchrun job, train.sh's torchrun run outlives its
+terminal and has time to save, a run may change precision or device between resumes, a resume keeps no copy of its
+checkpoint, a stop saves before it samples, and train.sh refuses a machine without a GPU. (--device cuda under
+torchrun: tests/test_util.py::test_pick_device_gives_cuda_an_index; one GPU's commands: tests/test_fake_gpu.py.)"""
 import gc
 import glob
+import inspect
 import os
+import pty
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import weakref
 
 import pytest
 import torch
+from torch.distributed import run as torchrun_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
 import util  # noqa: E402
-from test_train import TINY, run, write_images  # noqa: E402
+from gpu_check import kill_tree  # noqa: E402
+from test_train import TINY, alive, run, wait_until, write_images  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 RUN_ON = ["--num_workers", "2", "--max_steps", "100000", "--save_every", "100000", "--sample_every", "100000",
@@ -41,11 +48,12 @@ def wait_for_log_rows(out, rows, process, seconds=120):
 
 
 def wait_or_kill(process, seconds):
-    """The child's output once it exits, within `seconds`; else its whole session is killed and the test fails."""
+    """The child's output once it exits, within `seconds`; else it and every process it started are killed (ranks
+    in sessions of their own too, which would hold the output pipe open) and the test fails."""
     try:
         return "".join(stream or "" for stream in process.communicate(timeout=seconds))
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_tree(process.pid)
         output = "".join(stream or "" for stream in process.communicate())
         pytest.fail(f"still running {seconds} s after the stop signal (it hangs); the end of its output:\n"
                     f"{output[-1500:]}")
@@ -59,15 +67,33 @@ def step_reached(output):
 # -- stop signals with DataLoader workers ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_torchrun_stopped_with_loader_workers_saves_and_resumes(images, tmp_path, capsys, signum):
+def forkserver_train_py(tmp_path):
+    """A script that runs train.py with Python 3.14's default start method on Linux, forkserver, as Python's default:
+    the server it starts sits in the rank's process group."""
+    script = tmp_path / "train_forkserver.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, runpy, sys
+        multiprocessing.set_start_method("forkserver")
+        sys.argv[0] = {os.path.join(ROOT, "train.py")!r}
+        sys.path.insert(0, {ROOT!r})
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    """))
+    return str(script)
+
+
+@pytest.mark.parametrize("signum, start_method", [(signal.SIGTERM, "default"), (signal.SIGHUP, "default"),
+                                                  (signal.SIGTERM, "forkserver")],
+                         ids=["SIGTERM", "SIGHUP", "SIGTERM-forkserver"])
+def test_torchrun_stopped_with_loader_workers_saves_and_resumes(images, tmp_path, signum, start_method):
     """torchrun forwards SIGTERM (a restart, a reclaimed machine) and SIGHUP (a closed terminal) to each rank's whole
-    process group, its loader workers too: they must not die of it, so that the ranks stop, save and exit within
-    torchrun's 30 s grace (after it, torchrun kills them)."""
+    process group, its loader workers too: they must not die of it, so that the ranks stop, save and exit before
+    torchrun's grace runs out (then it kills them). With forkserver as Python's default (3.14 on), the workers must
+    still not depend on a process in that group. The resume runs under torchrun too."""
     out, logs = tmp_path / "run", tmp_path / "rank_logs"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "--log-dir", str(logs), "--redirects", "3", "train.py", "--data_dir", images, "--out_dir", str(out),
-               *TINY, *RUN_ON]
+    script = forkserver_train_py(tmp_path) if start_method == "forkserver" else "train.py"
+    two_ranks = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*two_ranks, "--log-dir", str(logs), "--redirects", "3", script, "--data_dir", images, "--out_dir",
+               str(out), *TINY, *RUN_ON]
     torchrun = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     wait_for_log_rows(out, 2, torchrun)
@@ -80,9 +106,11 @@ def test_torchrun_stopped_with_loader_workers_saves_and_resumes(images, tmp_path
     assert "forcefully exiting" not in launcher_output, "a rank outlived torchrun's grace and was killed"
     step = util.load_checkpoint(out / "ckpt.pt")["step"]
     assert 0 < step == step_reached(rank_output)
-    capsys.readouterr()
-    assert run(images, out, "--max_steps", str(step + 1), "--sample_every", "100000", "--precision", "fp32") == step + 1
-    assert f"resuming at step {step}" in capsys.readouterr().err
+    resume = [*two_ranks, "train.py", "--data_dir", images, "--out_dir", str(out), *TINY, *RUN_ON,
+              "--max_steps", str(step + 2)]
+    resumed = subprocess.run(resume, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0 and f"resuming at step {step}" in resumed.stderr, resumed.stderr[-2000:]
+    assert util.load_checkpoint(out / "ckpt.pt")["step"] == step + 2
 
 
 def test_ctrl_c_to_the_process_group_with_loader_workers_saves(images, tmp_path):
@@ -97,6 +125,102 @@ def test_ctrl_c_to_the_process_group_with_loader_workers_saves(images, tmp_path)
     assert process.returncode == 0, stderr[-2000:]
     assert "SIGINT received" in stderr and "Traceback" not in stderr
     assert 0 < util.load_checkpoint(out / "ckpt.pt")["step"] == step_reached(stderr)
+
+
+# -- torchrun: one rank's failure; train.sh's launch ---------------------------------------------------------------
+
+
+def test_a_failure_on_one_rank_ends_the_torchrun_job_with_the_last_checkpoint_intact(images, tmp_path):
+    """Rank 1 runs out of memory midway. On its way out it must not call destroy_process_group: NCCL's waits for
+    collectives that the other ranks never join (here it blocks for good, as NCCL's does), so the rank would never
+    exit, torchrun would never see the failure, and the job would hang. It must end within a minute instead, with a
+    non-zero exit and the last checkpoint intact."""
+    out = tmp_path / "run"
+    launcher = tmp_path / "fail_on_rank_1.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {ROOT!r})
+        import torch
+        import torch.distributed as dist
+        import train
+        dist.destroy_process_group = lambda *args, **kwargs: time.sleep(3600)  # NCCL's, with a rank gone
+        training_step = train.training_step
+
+        def out_of_memory_on_rank_1(*args, **kwargs):
+            if os.environ["RANK"] == "1" and args[7] == 5:  # the 6th step: after the saves at 2 and 4
+                raise torch.OutOfMemoryError("rank 1 ran out of memory (a test)")
+            return training_step(*args, **kwargs)
+
+        train.training_step = out_of_memory_on_rank_1
+        train.main(sys.argv[1:])
+    """))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+               "--data_dir", images, "--out_dir", str(out), *TINY, *RUN_ON, "--save_every", "2"]
+    began = time.monotonic()
+    job = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    output = wait_or_kill(job, 120)
+    assert time.monotonic() - began < 60, "the job took over a minute to end"
+    assert job.returncode != 0 and "rank 1 ran out of memory" in output, output[-2000:]
+    assert util.load_checkpoint(out / "ckpt.pt")["step"] == 4
+
+
+# torchrun's --shutdown-timeout (PET_SHUTDOWN_TIMEOUT, which train.sh sets); before it, a fixed 30 s
+TORCHRUN_SHUTDOWN_TIMEOUT = "shutdown_timeout" in inspect.getsource(torchrun_script)
+
+
+def test_train_sh_under_torchrun_outlives_its_terminal_and_has_time_to_save(images, tmp_path):
+    """NPROC=2 sh train.sh --device cpu: train.sh's torchrun launch, two CPU processes. Started from a terminal that
+    then closes (the kernel sends SIGHUP to what is left in its foreground), the run must go on: torchrun answers
+    SIGHUP itself, whatever nohup set. Stopped by SIGTERM (train.sh's restart, or kill), rank 0 must have the time to
+    save even when a slow disk takes longer than torchrun's default 30 s (here every save takes 33 s)."""
+    out = tmp_path / "run"
+    slow_disk = tmp_path / "slow_disk"
+    slow_disk.mkdir()
+    (slow_disk / "sitecustomize.py").write_text(textwrap.dedent("""
+        import time
+        import torch
+        save = torch.save
+
+        def slow_save(*args, **kwargs):
+            time.sleep(33)
+            save(*args, **kwargs)
+
+        torch.save = slow_save
+    """))
+    env = dict(ENV, PYTHON=sys.executable, NPROC="2")
+    if TORCHRUN_SHUTDOWN_TIMEOUT:
+        env["PYTHONPATH"] = str(slow_disk)
+    command = ["sh", "train.sh", "--data_dir", images, "--out_dir", str(out), *TINY, *RUN_ON]
+    pid, terminal = pty.fork()  # the child: a new session, whose controlling terminal is the pty
+    if pid == 0:
+        os.chdir(ROOT)
+        os.execvpe("sh", command, env)
+    shown = b""
+    try:
+        while True:  # until train.sh exits: it waits for the run's first line
+            try:
+                chunk = os.read(terminal, 1024)
+            except OSError:  # EIO: every process of the terminal's session has closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert os.waitpid(pid, 0)[1] == 0, shown.decode(errors="replace")
+        os.close(terminal)  # the terminal closes: SIGHUP for its session
+        run_pid = int((out / "train.pid").read_text())
+        rows = len((out / "log.csv").read_text().splitlines()) if (out / "log.csv").exists() else 0
+        assert wait_until(lambda: (out / "log.csv").exists() and len((out / "log.csv").read_text().splitlines())
+                          > rows + 3, 60), (out / "train.log").read_text()[-2000:]
+        assert alive(run_pid) and "SIGHUP" not in (out / "train.log").read_text()
+        os.kill(run_pid, signal.SIGTERM)
+        assert wait_until(lambda: not alive(run_pid), 90)
+        log = (out / "train.log").read_text()
+        assert "forcefully exiting" not in log and "SIGTERM received" in log, log[-2000:]
+        assert util.load_checkpoint(out / "ckpt.pt")["step"] == step_reached(log)
+    finally:
+        if (out / "train.pid").exists():
+            kill_tree(int((out / "train.pid").read_text()))
 
 
 # -- resuming under another precision, or from another device's layout -----------------------------------------

@@ -119,6 +119,40 @@ def test_training_smoke_writes_checkpoint_log_and_samples(images, tmp_path):
     model.load_state_dict(checkpoint["ema"])  # the checkpoint alone rebuilds the model
 
 
+def test_compiled_training_is_the_eager_training(images, tmp_path, monkeypatch):
+    """--compile: dynamo captures the model and AOTAutograd its backward, and the weights come out as without it.
+    The aot_eager backend runs the captured graphs with eager kernels: the same numbers, and no two minutes of
+    inductor's C++ compiling on a CPU. Dropout off: compiled code draws its masks with nn.Dropout's kernel."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile(model, backend="aot_eager", **kwargs))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    flags = ["--max_steps", "3", "--sample_every", "0", "--precision", "fp32", "--dropout", "0"]
+    run(images, tmp_path / "compiled", *flags, "--compile")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    run(images, tmp_path / "eager", *flags)
+    a, b = util.load_checkpoint(tmp_path / "compiled" / "ckpt.pt"), util.load_checkpoint(tmp_path / "eager" / "ckpt.pt")
+    assert graphs >= 1, "nothing was compiled"
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+
+
+@pytest.mark.parametrize("step, rate, decay", [(0, 0.9999, 1 / 10), (90, 0.9999, 91 / 100), (20000, 0.999, 0.999)])
+def test_the_ema_follows_the_weights_at_its_warmed_up_decay(step, rate, decay):
+    """DDPM sec. 4's EMA after each step: ema <- decay ema + (1 - decay) weights, with decay = min(--ema_rate,
+    (1 + step) / (10 + step)), so that a short run's EMA is not mostly its initialisation."""
+    args = train.parse_args([*TINY, "--ema_rate", str(rate), "--out_dir", os.path.join(os.sep, "nonexistent")])
+    model, ema, diffusion, optimizer, scaler, _ = train.build_or_resume(args, vars(args), torch.device("cpu"), None)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(torch.randn_like(p))  # an EMA apart from the weights
+    ema_before = [p.clone() for p in ema.parameters()]
+    train.training_step(model, model, ema, diffusion, optimizer, scaler, torch.rand(4, 3, 16, 16) * 2 - 1, step, args,
+                        None)
+    for before, weight, after in zip(ema_before, model.parameters(), ema.parameters(), strict=True):
+        assert torch.allclose(after, decay * before + (1 - decay) * weight, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(images, tmp_path):
     flags = ["--importance_sampling", "--dropout", "0.1", "--seed", "7", "--save_every", "100", "--sample_every", "0"]
     run(images, tmp_path / "straight", "--max_steps", "6", *flags)
