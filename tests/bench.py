@@ -237,14 +237,27 @@ def bench_memory_options(config_name, batch_size, device, repeats):
     """Images/s of the training step with each way of saving memory, as a ratio to the plain step. The variants
     run in turn, one step each, in `repeats` rounds after a warm-up round; the ratio is the median over the rounds
     of each round's own ratio, so that a machine slowing down or speeding up between rounds cancels out."""
-    args, model, ema, diffusion, optimizer = build(config_name, batch_size, device)
     amp_dtype = util.autocast_dtype(device, "auto")
+    flags = CONFIGS[config_name] + (["--batch_size", str(batch_size)] if batch_size else [])
+    B = train.parse_args(flags).batch_size
+    variants = []
+    for microbatch in (None, B // 2, B // 4):
+        for checkpointing in (False, True):
+            options = ["--checkpointing"] if checkpointing else []
+            if microbatch:
+                options += ["--microbatch", str(microbatch)]
+            fits, needed, free = (True, 0, 0)
+            if device.type == "cuda":  # those that fit the GPU's free memory
+                fits, needed, free = fits_on_gpu(flags + options, "fp32" if amp_dtype is None else "bf16", device)
+            if fits:
+                variants.append((microbatch, checkpointing))
+            else:
+                print(f"{' '.join(options) or 'plain'}: skipped, needs ~{needed:.1f} GiB, {free:.1f} GiB free")
+    args, model, ema, diffusion, optimizer = build(config_name, batch_size, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    B = args.batch_size
     x0 = torch.rand(B, 3, args.image_size, args.image_size, device=device) * 2 - 1
     if device.type == "cuda":
         x0 = x0.contiguous(memory_format=torch.channels_last)
-    variants = [(None, False), (None, True), (B // 2, False), (B // 2, True), (B // 4, False), (B // 4, True)]
     seconds, peaks = {variant: [] for variant in variants}, {}
     for round in range(repeats + 1):
         for microbatch, checkpointing in variants:
@@ -256,8 +269,8 @@ def bench_memory_options(config_name, batch_size, device, repeats):
                 seconds[microbatch, checkpointing].append(step_seconds)
                 peaks[microbatch, checkpointing] = peak_memory_gib(device)
     print(f"{config_name}, batch {B}, {'fp32' if amp_dtype is None else str(amp_dtype)[6:]}, {repeats} rounds:")
-    print("microbatch  checkpointing  train img/s  vs plain" + ("  peak GiB" if device.type == "cuda" else ""))
-    plain = seconds[None, False]
+    print("microbatch  checkpointing  train img/s  vs first" + ("  peak GiB" if device.type == "cuda" else ""))
+    plain = seconds[variants[0]]  # the plain step, unless it did not fit
     for (microbatch, checkpointing), times in seconds.items():
         ratio = statistics.median(p / t for p, t in zip(plain, times))
         peak = f"  {peaks[microbatch, checkpointing]:8.2f}" if device.type == "cuda" else ""
@@ -313,7 +326,7 @@ def print_table(rows):
     columns = [("config", "{}"), ("precision", "{}"), ("mode", "{}"), ("batch", "{}"), ("train_img_s", "{:.1f}"),
                ("gflop_per_img", "{:.2f}"), ("mfu", "{:.1%}"), ("conv_mfu", "{:.1%}"),
                ("conv_share", "{:.0%}"), ("peak_gib", "{:.2f}"), ("compile_s", "{:.0f}"),
-               ("sample_img_s", "{:.1f}"), ("grid50_s", "{:.1f}"), ("grid1000_s", "{:.0f}")]
+               ("sample_img_s", "{:.1f}"), ("grid50_s", "{:.1f}"), ("grid1000_s", "{:.0f}"), ("skipped", "{}")]
     cells = [[name for name, _ in columns]]
     for row in rows:
         line = []
@@ -332,7 +345,7 @@ def print_table(rows):
 def main():
     args = parse_args()
     if args.estimate_gpu_memory:
-        return estimate_gpu_memory()
+        return print_gpu_memory_estimates()
     device = util.pick_device(args.device)
     if device.type == "cuda":  # as train.py runs: TF32 matmuls and convs, cuDNN's autotuner
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -350,12 +363,22 @@ def main():
     print("matmul peak: " + ", ".join(f"{name} {flops / 1e9:.0f} GFLOP/s" for name, flops in peaks.items()))
     rows = []
     for name in names:
+        flags = CONFIGS[name] + (["--batch_size", str(args.batch_size)] if args.batch_size else [])
+        fitting = []
+        for precision, amp_dtype in precisions(device):  # on a GPU, those that fit its free memory
+            fits, needed, free = fits_on_gpu(flags, precision, device) if device.type == "cuda" else (True, 0, 0)
+            if fits:
+                fitting.append((precision, amp_dtype))
+            else:
+                rows.append(dict(config=name, precision=precision, mode="skipped",
+                                 skipped=f"needs ~{needed:.1f} GiB, {free:.1f} GiB free"))
+                print(f"{name} {precision}: skipped, {rows[-1]['skipped']}", file=sys.stderr)
         built = build(name, args.batch_size, device)
         config_args, model, ema, diffusion, _ = built
         params = sum(p.numel() for p in model.parameters())
         print(f"{name}: {params / 1e6:.2f}M parameters, {config_args.image_size}x{config_args.image_size}, "
               f"batch {config_args.batch_size}", file=sys.stderr)
-        for precision, amp_dtype in precisions(device):
+        for precision, amp_dtype in fitting:
             for compiled in ([False, True] if args.compile else [False]):
                 row = bench_training(name, *built, device, precision, amp_dtype, compiled, args.repeats, peaks)
                 if not compiled:
@@ -363,6 +386,9 @@ def main():
                 row["params_m"] = params / 1e6
                 rows.append(row)
                 print(f"  {precision} {row['mode']}: {row['train_img_s']:.1f} img/s", file=sys.stderr)
+        del built, model, ema, diffusion  # the next config's estimate compares with the memory free then
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print_table(rows)
     loader_img_s, workers = bench_loader(args.repeats)
     print(f"data loader, anime64 recipe (64x64 PNGs, {workers} workers): {loader_img_s:.0f} img/s on this CPU")
@@ -372,26 +398,27 @@ def main():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GPU memory of train.sh's recipe, estimated on the CPU (until a GPU measures it)
+# GPU memory, estimated on the CPU (until a GPU measures it)
 
 
 def saved_for_backward(model, diffusion, x0, t, group_norm_fp32=False, dtype=torch.bfloat16):
     """(bytes per image, bytes per step) that one training forward of x0 keeps for its backward, under autocast to
     dtype (torch.float32: none): the tensors autograd saves (seen by saved-tensor hooks) and, with model.checkpointing,
     the inputs each checkpointed block keeps to run again (which the hooks do not see). Each storage is counted once;
-    the weights are not counted, but the bf16 copies autocast makes of them are: per step, not per image.
+    the weights are not counted, but the bf16 copies autocast makes of them are: per step, not per image. Works on
+    real tensors and on fake ones (FakeTensorMode: shapes and dtypes, no numbers), whose storages have no address.
     group_norm_fp32: run GroupNorm in fp32, as CUDA autocast does (it is on its fp32 list); CPU autocast runs it in
     bf16. GroupNorm then saves and returns fp32, so the SiLU and scale-shift after it save fp32 too."""
     per_batch, per_step, seen = 0, 0, set()
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}  # _cdata: the storage's identity
     param_shapes = {p.shape for p in model.parameters()}
 
     def count(tensor):
         nonlocal per_batch, per_step
         storage = tensor.untyped_storage()
         # Views (q, k, v of one qkv; chunks; expands) keep their whole storage alive: count each storage once
-        if storage.data_ptr() not in seen | param_storages:
-            seen.add(storage.data_ptr())
+        if storage._cdata not in seen | param_storages:
+            seen.add(storage._cdata)
             if tensor.shape in param_shapes:  # a bf16 copy autocast made of a weight: once a step
                 per_step += storage.nbytes()
             else:
@@ -414,44 +441,67 @@ def saved_for_backward(model, diffusion, x0, t, group_norm_fp32=False, dtype=tor
     return per_batch / x0.shape[0], per_step
 
 
-def estimate_gpu_memory(batch_size=2):
-    """GPU memory to train train.sh's 64x64 config (AdamW, EMA, bf16 autocast) at batch 64, as it is and with
-    --checkpointing and --microbatch, estimated on the CPU."""
-    args = train.parse_args(CONFIGS["anime64"])
-    torch.manual_seed(0)
-    model, diffusion = util.build_model_and_diffusion(vars(args))  # train mode: dropout on
-    n_params = sum(p.numel() for p in model.parameters())
-    # fp32 params + grads + AdamW exp_avg and exp_avg_sq + the EMA copy. zero_grad(set_to_none=True) frees the grads,
-    # which only come back as backward frees activations: counting all of them at the peak errs on the safe side.
-    # With --microbatch the gradients stay allocated between chunks: the same count.
-    states = 5 * 4 * n_params
-    x0, t = torch.rand(batch_size, 3, 64, 64) * 2 - 1, torch.randint(0, 1000, (batch_size,))
-    # Attention runs a fused kernel (CPU flash here, flash or memory-efficient on CUDA): it keeps q, k, v, the
-    # output and a logsumexp, never the (heads, HW, HW) attention weights.
-    per_image, per_step = saved_for_backward(model, diffusion, x0, t, group_norm_fp32=True)
-    per_image_cpu, _ = saved_for_backward(model, diffusion, x0, t)
-    model.checkpointing = True
-    per_image_checkpointed, _ = saved_for_backward(model, diffusion, x0, t, group_norm_fp32=True)
+ESTIMATES = {}  # (flags, precision): their estimate, kept: each takes about a second
+
+
+def estimate_gpu_memory(flags, precision="bf16"):
+    """{"states", "per_image", "per_step", "gib"} for train.py with these flags on a GPU, estimated on the CPU in
+    about a second: the network runs on fake tensors (shapes, no numbers), as CUDA autocast would run it.
+        states     bytes of the fp32 weights, their gradients, AdamW's two moments and the EMA: 5 x 4 bytes a parameter
+                   (zero_grad(set_to_none=True) frees the gradients, which come back as the backward frees
+                   activations: counting them all at the peak errs on the safe side)
+        per_image  bytes one image keeps for the backward (bf16 and fp16 alike; fp32 a tenth more: CUDA autocast
+                   runs GroupNorm, and so what follows it, in fp32 already)
+        per_step   bytes of the bf16 copies of the weights autocast keeps for the backward
+        gib        states + per_step + per_image x the images in memory at once (--microbatch, else --batch_size),
+                   in GiB, plus 10% for the allocator, cuDNN's workspaces and gradients in flight; the CUDA context
+                   (~0.5 GiB) is not counted: compare with the free memory a process sees once CUDA is started"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    key = (tuple(flags), precision)
+    if key in ESTIMATES:
+        return ESTIMATES[key]
+    args = train.parse_args(flags)
+    with FakeTensorMode():
+        model, diffusion = util.build_model_and_diffusion(vars(args))  # train mode: dropout on
+        x0 = torch.rand(2, 3, args.image_size, args.image_size) * 2 - 1
+        t = torch.randint(0, args.num_timesteps, (2,))
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        per_image, per_step = saved_for_backward(model, diffusion, x0, t, group_norm_fp32=True, dtype=dtype)
+    states = 5 * 4 * sum(p.numel() for p in model.parameters())
+    at_once = args.microbatch or args.batch_size
+    ESTIMATES[key] = dict(states=states, per_image=per_image, per_step=per_step,
+                          gib=1.1 * (states + per_step + at_once * per_image) / 2 ** 30)
+    return ESTIMATES[key]
+
+
+def fits_on_gpu(flags, precision, device):
+    """(whether train.py with these flags fits in the GPU's free memory now, the estimate in GiB, the free GiB)."""
+    needed = estimate_gpu_memory(flags, precision)["gib"]
+    free = torch.cuda.mem_get_info(device)[0] / 2 ** 30
+    return needed <= free, needed, free
+
+
+# train.sh's recipe, and the ways to fit it on a smaller card (the README's table)
+RECIPES = {"as it is": [], "--microbatch 32": ["--microbatch", "32"], "--microbatch 16": ["--microbatch", "16"],
+           "--checkpointing": ["--checkpointing"], "--microbatch 32 --checkpointing": ["--microbatch", "32",
+                                                                                      "--checkpointing"]}
+
+
+def print_gpu_memory_estimates():
+    """The table behind the README's: train.sh's recipe at batch 64 (and other batches), in GiB, estimated."""
+    plain = estimate_gpu_memory(CONFIGS["anime64"])
+    checkpointed = estimate_gpu_memory(CONFIGS["anime64"] + ["--checkpointing"])
     MiB, GiB = 2 ** 20, 2 ** 30
-    print(f"parameters: {n_params:,}; fp32 params + grads + AdamW (2) + EMA: {states / GiB:.2f} GiB; "
-          f"bf16 weight copies saved for backward: {per_step / GiB:.2f} GiB")
-    print(f"saved for backward per image: {per_image / MiB:.1f} MiB, as CUDA would run it "
-          f"(CPU autocast, with bf16 group_norm: {per_image_cpu / MiB:.1f} MiB); "
-          f"with --checkpointing: {per_image_checkpointed / MiB:.1f} MiB")
-    # Not counted: the CUDA context (~0.5 GiB, outside PyTorch's allocator), cuDNN workspaces, gradients of
-    # activations in flight during backward (with --checkpointing, one block's activations while it runs again),
-    # fragmentation: allow ~10% on top rather than guess them.
-    print("GiB = states + weight copies + images in memory at once x per image (+~10% allocator, workspace, context)")
-    print("batch  microbatch  checkpointing    GiB")
-    for batch in (16, 32, 64, 128):
-        print(f"{batch:5d}  {'-':>10}  {'no':>13}  {(states + per_step + batch * per_image) / GiB:5.1f}")
-    for microbatch in (None, 32, 16):
-        for checkpointing, saved in (("no", per_image), ("yes", per_image_checkpointed)):
-            if microbatch is None and checkpointing == "no":
-                continue  # the batch 64 row above
-            at_once = microbatch or 64
-            print(f"{64:5d}  {microbatch or '-':>10}  {checkpointing:>13}  "
-                  f"{(states + per_step + at_once * saved) / GiB:5.1f}")
+    print(f"anime64: fp32 weights + grads + AdamW (2) + EMA: {plain['states'] / GiB:.2f} GiB; bf16 weight copies: "
+          f"{plain['per_step'] / GiB:.2f} GiB; saved for backward per image: {plain['per_image'] / MiB:.1f} MiB "
+          f"(--checkpointing: {checkpointed['per_image'] / MiB:.1f} MiB; fp32: "
+          f"{estimate_gpu_memory(CONFIGS['anime64'], 'fp32')['per_image'] / MiB:.1f} MiB)")
+    print("GiB = 1.1 x (states + weight copies + images in memory at once x per image); add the CUDA context")
+    print("precision  batch  flags                              GiB")
+    for precision, batch, name in [("bf16", 32, "as it is"), ("bf16", 128, "as it is"), ("fp32", 64, "as it is"),
+                                   *[("bf16", 64, name) for name in RECIPES]]:
+        flags = CONFIGS["anime64"] + ["--batch_size", str(batch)] + RECIPES[name]
+        print(f"{precision:>9}  {batch:5d}  {name:<33}  {estimate_gpu_memory(flags, precision)['gib']:5.1f}")
 
 
 if __name__ == "__main__":

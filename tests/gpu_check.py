@@ -14,14 +14,17 @@ in order:
     tests          python -m pytest -q tests -> OUT/pytest.txt (not under --quick: the CPU suite runs this script)
     attention      SDPA with the flash and memory-efficient kernels forced, bf16 and fp16, forward and backward,
                    against the math kernel in fp32; unet.Attention on a channels_last input
-    layouts        GroupNorm's output layout for a channels_last input; a ResBlock step in NCHW and channels_last
-    bench          tests/bench.py: anime64 and small32, --memory_options, then --compile -> OUT/*.json, bench.txt
+    layouts        GroupNorm's output layout for a channels_last input; train.training_step in NCHW and channels_last
+    bench          tests/bench.py: anime64 and small32, --memory_options, then --compile -> OUT/*.json, bench.txt;
+                   a case too large for the GPU's free memory, by bench.py's estimate, is skipped with the reason
     checkpointing  UNet gradients with and without activation checkpointing at dropout 0.1
     fp16           an injected inf gradient under GradScaler (skipped step, halved scale); train.py --precision fp16
-    syncs          steady-state training steps under torch.cuda.set_sync_debug_mode("warn") (CUDA only)
+    syncs          train.training_step under DDP, the stop check and a log row under torch.cuda.set_sync_debug_mode
+                   ("warn"), in one process (CUDA only)
     resume         train.py 4 + 2 steps against 6; fp32 -> fp16; CPU -> CUDA
     sigterm        two torchrun processes with DataLoader workers, SIGTERM, then a rerun that resumes
     train_sh       the users' command: sh train.sh on the emoji at 64x64, restarted once, stopped; eval.py, sample.py
+                   (on a smaller GPU with the README's flags for it: the first that fits, by bench.py's estimate)
     sample_fid     sample.py --num 2000 --batch_size 256: images/s (CUDA only)
 """
 import argparse
@@ -179,8 +182,9 @@ def fresh(folder):
 def torch_setup(p):
     import torch
     sys.path.insert(0, str(ROOT))
-    device = torch.device(p.device)
-    low = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if p.cuda else None
+    import util
+    device = util.pick_device(p.device)
+    low = util.autocast_dtype(device, "auto") if p.cuda else None  # the rule training uses: bf16 only where native
     return torch, device, low  # low: the autocast dtype of training on this device (None: fp32 on the CPU)
 
 
@@ -241,8 +245,10 @@ def part_versions(p):
     lines = [subprocess.run([smi], capture_output=True, text=True, timeout=30).stdout if smi else "nvidia-smi: none",
              f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
              f"cuDNN {torch.backends.cudnn.version()})"]
+    import util
+    bf16 = util.native_bf16(device)  # not torch.cuda.is_bf16_supported(), which is true where it is only emulated
     if p.cuda:
-        name, bf16 = torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name(device)
         memory = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
         lines.append(f"{torch.cuda.device_count()} GPU(s); {name}, compute capability "
                      f"{torch.cuda.get_device_capability(device)}, {memory:.0f} GiB")
@@ -251,7 +257,6 @@ def part_versions(p):
         if Path("/proc/cpuinfo").exists():
             name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                          if line.startswith("model name")), name)
-        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     lines.append(f"{name}; native bf16: {bf16}")
     (p.out / "versions.txt").write_text("\n".join(lines) + "\n")
     return "ok", f"torch {torch.__version__}, {name}, bf16 {'yes' if bf16 else 'no'}"
@@ -343,33 +348,34 @@ def part_attention(p):
 
 def part_layouts(p):
     torch, device, low = torch_setup(p)
+    import train
     import unet
     cl = torch.channels_last
     autocast = torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None)
     norm = unet.group_norm(128).to(device)
     with torch.no_grad(), autocast:
         norm_layout = layout(norm(torch.randn(8, 128, 32, 32, device=device).contiguous(memory_format=cl)))
-    B, C, size = (32, 128, 32) if p.cuda else (4, 32, 16)
-    block = unet.ResBlock(C, C, 4 * C, dropout=0.1).to(device)
-    emb = torch.randn(B, 4 * C, device=device)
-    seconds, out_layout = {}, None
+    # train.training_step as training runs it, on the recipe's model (a tiny one on the CPU), in each layout: CUDA's
+    # GroupNorm works on NCHW, so NHWC (train.memory_format's choice on GPUs) may lose more there than convs gain
+    flags = ["--image_size", "64", "--base_channels", "128", "--channel_mult", "1,2,3,4", "--num_res_blocks", "2",
+             "--attention_resolutions", "16,8", "--batch_size", "32"] if p.cuda else [*TINY]
+    args = train.parse_args([*flags, "--out_dir", str(fresh(p.out / "layouts"))])
+    model, ema, diffusion, optimizer, scaler, _ = train.build_or_resume(args, vars(args), device, low)
+    x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    seconds = {}
     for name, memory_format in (("NCHW", torch.contiguous_format), ("channels_last", cl)):
-        block.to(memory_format=memory_format)
-        x = torch.randn(B, C, size, size, device=device).contiguous(memory_format=memory_format).requires_grad_()
-
-        def step():
-            nonlocal out_layout
-            with autocast:
-                out = block(x, emb)
-            out.float().square().mean().backward()
-            out_layout = layout(out)
-
-        seconds[name] = median_seconds(step, device)
+        model.to(memory_format=memory_format)
+        ema.to(memory_format=memory_format)
+        optimizer.state.clear()  # AdamW's moments are made again in the new layout
+        images = x0.contiguous(memory_format=memory_format)
+        seconds[name] = median_seconds(lambda: train.training_step(model, model, ema, diffusion, optimizer, scaler,
+                                                                   images, 1000, args, low), device, repeats=5)
     nchw, nhwc = seconds["NCHW"], seconds["channels_last"]
-    return "ok", (f"GroupNorm of a channels_last input gives {norm_layout}; ResBlock({C}) fwd+bwd at {B}x{size}x{size} "
-                  f"{dtype_name(low)}: NCHW {nchw * 1e3:.2f} ms, channels_last {nhwc * 1e3:.2f} ms "
-                  f"({nhwc / nchw:.2f}x), "
-                  f"its output {out_layout}")
+    faster = "channels_last" if nhwc < nchw else "NCHW"
+    return "ok", (f"GroupNorm of a channels_last input gives {norm_layout}; training step at "
+                  f"{args.batch_size}x{args.image_size}x{args.image_size} {dtype_name(low)}: NCHW {nchw * 1e3:.2f} ms, "
+                  f"channels_last {nhwc * 1e3:.2f} ms ({nhwc / nchw:.2f}x): {faster} is faster"
+                  + (" (train.memory_format's choice on GPUs: channels_last)" if p.cuda else ""))
 
 
 def part_bench(p):
@@ -390,14 +396,17 @@ def part_bench(p):
     for name, cmd in runs:
         rc, seconds = command(cmd, p.out / "bench.txt", p.left())
         if rc != 0:
-            outcome = "not done in the time left" if rc is None else "FAIL"
+            outcome = "not done in the time left" if rc is None else f"FAIL: {error_line(p.out / 'bench.txt')}"
             figures.append(f"{name}: {outcome} ({seconds:.0f} s)")
             failed |= name != "compiled"  # compiling may not fit in the time limit; the eager figures are the check
             continue
         if "--json" in cmd:
             rows = json.loads(Path(cmd[-1]).read_text())["rows"]
-            for config in dict.fromkeys(row["config"] for row in rows):
-                best = max((row for row in rows if row["config"] == config), key=lambda row: row["train_img_s"])
+            figures += [f"{row['config']} {row['precision']} skipped: {row['skipped']}" for row in rows
+                        if "skipped" in row]  # too large for the GPU's free memory, by tests/bench.py's estimate
+            measured = [row for row in rows if "skipped" not in row]
+            for config in dict.fromkeys(row["config"] for row in measured):
+                best = max((row for row in measured if row["config"] == config), key=lambda row: row["train_img_s"])
                 figures.append(f"{config} {best['precision']} {best['mode']} {best['train_img_s']:.0f} img/s, "
                                f"MFU {best['mfu']:.0%}, {best['peak_gib']:.1f} GiB")
         else:
@@ -473,49 +482,56 @@ def part_syncs(p):
     if not p.cuda:
         return "skipped", "CUDA only"
     torch, device, low = torch_setup(p)
-    import copy
     import warnings
-    from diffusion import GaussianDiffusion
-    model = small_unet(device, image_size=32, base_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(16, 8))
-    model.to(memory_format=torch.channels_last)
-    diffusion = GaussianDiffusion(num_timesteps=1000).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x0 = torch.randn(16, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    import train
+    flags = ["--base_channels", "64", "--attention_resolutions", "16,8", "--batch_size", "16", "--log_every", "1000"]
+    args = train.parse_args([*flags, "--out_dir", str(fresh(p.out / "syncs"))])
 
-    def step(dtype, scaler):  # what train.training_step does, without its bookkeeping
-        t, weights = diffusion.sample_timesteps(x0.shape[0], device)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype):
-            losses = diffusion.training_losses(model, x0, t, torch.randn_like(x0))
-        scaler.scale((losses["loss"] * weights).mean()).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-3)
-
-    counts, lines = {}, []
-    for dtype in dict.fromkeys([low, torch.float16]):
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        for _ in range(3):
-            step(dtype, scaler)  # warm-up: cuDNN's autotuner, the allocator
+    def syncs(fn, calls=3):  # the sync warnings of `calls` calls of fn, after one to warm up (cuDNN, the allocator)
+        fn()
         torch.cuda.synchronize(device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                for _ in range(3):
-                    step(dtype, scaler)
+                for _ in range(calls):
+                    fn()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        counts[dtype_name(dtype)] = len(syncs)
-        lines += [f"{dtype_name(dtype)}: {w.filename}:{w.lineno}: {w.message}" for w in syncs]
+        return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+
+    counts, lines = {}, []
+    for dtype in dict.fromkeys([low, torch.float16]):  # what train.py runs: its step under DDP, its log, its stop check
+        model, ema, diffusion, optimizer, scaler, _ = train.build_or_resume(args, vars(args), device, dtype)
+        if not dist.is_initialized():  # one process, as one rank of several: DDP's own paths run
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        ddp = DistributedDataParallel(model, device_ids=[device])
+        x0 = torch.rand(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=train.memory_format(device))
+        log = train.Log(args, 0, limit=100, write=False)
+        stop_flag = torch.zeros((), device=device)
+
+        def step():
+            log.add(*train.training_step(ddp, model, ema, diffusion, optimizer, scaler, x0, 100, args, dtype))
+
+        def stop_check():
+            train.ranks_agree_to_stop(False, stop_flag)
+
+        def log_row():
+            step()
+            log.row(1, args.lr, args.batch_size, scaler, "none")
+
+        for name, fn, calls in (("steps", step, 3), ("stop check", stop_check, 1), ("log row", log_row, 1)):
+            found = syncs(fn, calls)
+            counts[f"{dtype_name(dtype)} {name}"] = len(found)
+            lines += [f"{dtype_name(dtype)} {name}: {line}" for line in found]
+    dist.destroy_process_group()
     (p.out / "syncs.txt").write_text("\n".join(lines) + "\n")
-    return ("ok" if not any(counts.values()) else "FAIL"), "sync warnings in 3 steps (expected 0): " + ", ".join(
-        f"{name} {count}" for name, count in counts.items()) + ("" if not lines else f"; first: {lines[0][:100]}")
+    # expected: none in the steps; one in the stop check (its result, read once) and one in a log row (its numbers)
+    ok = all(count == (0 if name.endswith("steps") else 1) for name, count in counts.items())
+    return ("ok" if ok else "FAIL"), "sync warnings (expected 0 in 3 steps, 1 in a stop check, 1 in a log row): " + \
+        ", ".join(f"{name} {count}" for name, count in counts.items()) + ("" if not lines else f"; {lines[0][:100]}")
 
 
 def part_resume(p):
@@ -606,10 +622,22 @@ def part_train_sh(p):
     data, folder = emoji_folder(p, 64, 32), p.out / "anime64"
     shutil.rmtree(folder, ignore_errors=True)
     flags = ["--data_dir", data, "--out_dir", folder]
-    if p.cuda:
-        flags += ["--log_every", "50", "--sample_every", "500"]  # train.sh's recipe and model otherwise
+    if p.cuda:  # train.sh's recipe and model, with the README's flags for a smaller card if its memory needs them
+        torch, device, low = torch_setup(p)
+        sys.path.insert(0, str(ROOT / "tests"))
+        import bench
+        estimates = {name: bench.fits_on_gpu(bench.CONFIGS["anime64"] + options, dtype_name(low), device)
+                     for name, options in bench.RECIPES.items()}
+        fitting = [name for name, (fits, _, _) in estimates.items() if fits]
+        if not fitting:
+            name = list(bench.RECIPES)[-1]  # the smallest
+            _, needed, free = estimates[name]
+            return "skipped", f"train.sh's recipe with {name} needs ~{needed:.1f} GiB, {free:.1f} GiB free"
+        recipe = f"the recipe {fitting[0]}"
+        flags += [*bench.RECIPES[fitting[0]], "--log_every", "50", "--sample_every", "500"]
         first, second = 30, 15  # seconds of training before the restart and after it
     else:  # the recipe's 92M-parameter model would not take a step in time: a tiny one
+        recipe = "a tiny model on the CPU"
         flags += [*TINY, "--device", "cpu", "--log_every", "10", "--sample_every", "50", "--num_samples", "16"]
         first, second = (8, 4) if p.quick else (60, 30)
     env = {**os.environ, "PYTHON": PYTHON}
@@ -643,7 +671,8 @@ def part_train_sh(p):
     img_s = rows[-1].split(",")[6] if len(rows) > 1 else "?"
     ok = bool(resumed and stopped) and rc_eval == 0 and rc_sample == 0 and len(os.listdir(pictures)) == 5
     return ("ok" if ok else "FAIL"), (
-        f"resumed at step {resumed[-1] if resumed else 'NOT'}, stopped at {stopped[-1][0] if stopped else 'NOT'}; "
+        f"{recipe}: resumed at step {resumed[-1] if resumed else 'NOT'}, "
+        f"stopped at {stopped[-1][0] if stopped else 'NOT'}; "
         f"{img_s} train img/s; eval.py --steps 50: exit {rc_eval}, {eval_s:.0f} s; sample.py 256 x 50 steps: exit "
         f"{rc_sample}, {sample_s:.0f} s = {256 / sample_s:.1f} img/s (with start-up); pictures/: "
         f"{len(os.listdir(pictures))} of 5")
@@ -654,7 +683,7 @@ def part_sample_fid(p):
         return "skipped", "CUDA only, not under --quick"
     checkpoint, log = p.out / "anime64" / "ckpt.pt", p.out / "sample_fid.txt"
     if not checkpoint.exists():
-        return "FAIL", "no OUT/anime64/ckpt.pt: the train_sh part made none"
+        return "skipped", "no OUT/anime64/ckpt.pt to sample from: the train_sh part made none"
     rc, seconds = command([PYTHON, "sample.py", checkpoint, "--num", "2000", "--batch_size", "256",
                            "--out", p.out / "fid_samples"], log, p.left())
     shutil.rmtree(p.out / "fid_samples", ignore_errors=True)  # 2000 PNGs: a measure of speed, not pictures to keep
@@ -673,11 +702,11 @@ PARTS = [  # name, function, time limit in seconds on CUDA (together under 10 mi
     ("versions", part_versions, 15, 60),
     ("tests", part_tests, 95, 3600),
     ("attention", part_attention, 20, 120),
-    ("layouts", part_layouts, 15, 120),
-    ("bench", part_bench, 140, 900),
+    ("layouts", part_layouts, 30, 120),
+    ("bench", part_bench, 125, 900),
     ("checkpointing", part_checkpointing, 15, 120),
     ("fp16", part_fp16, 30, 180),
-    ("syncs", part_syncs, 20, 60),
+    ("syncs", part_syncs, 25, 60),
     ("resume", part_resume, 45, 600),
     ("sigterm", part_sigterm, 50, 300),
     ("train_sh", part_train_sh, 120, 600),
@@ -739,7 +768,7 @@ def part_process(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=lambda path: Path(path).resolve(), help="folder for every log, picture and summary.md")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if there is one, else cpu)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda:0 if there is one, else cpu)")
     p.add_argument("--quick", action="store_true", help="shorter parts; the test suite and FID sampling skipped")
     p.add_argument("--only", default=None, help=f"comma-separated parts, from: {', '.join(n for n, *_ in PARTS)}")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # this process runs that part (run_part)
@@ -748,9 +777,10 @@ def main():
     (args.out / "parts").mkdir(parents=True, exist_ok=True)
     if args.part:
         return part_process(args)
-    if args.device is None:
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device is None:  # train.py's rule: the GPU, with its index, if there is one
+        sys.path.insert(0, str(ROOT))
+        import util
+        args.device = str(util.pick_device("auto"))
     wanted = args.only.split(",") if args.only else [name for name, *_ in PARTS]
     unknown = set(wanted) - {name for name, *_ in PARTS}
     if unknown:
