@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 import util
@@ -82,8 +81,8 @@ def save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, tenso
         row_labels = [f"{config['super_res_from']}x{config['super_res_from']}", "sample", "original"] * (num // nrow)
     path = os.path.join(config["out_dir"], "samples", f"{step:06d}.png")
     grid = util.save_image_grid(samples, path, nrow=nrow, row_labels=row_labels)
-    if tensorboard is not None:  # the grid as saved, labels and all: (3, H, W) uint8
-        tensorboard.add_image("samples", pil_to_tensor(grid), step)
+    if tensorboard is not None:  # the grid as saved, labels and all: (H, W, 3) uint8
+        tensorboard.add_image("samples", np.asarray(grid), step, dataformats="HWC")
 
 
 def parse_args(argv=None):

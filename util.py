@@ -15,11 +15,10 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from diffusion import GaussianDiffusion
@@ -56,9 +55,15 @@ def to_uint8(x):
 
 def image_grid(x, nrow=None):
     """(B, C, H, W) in [-1, 1] -> a PIL image of the B images, nrow a row (default ~square), 2 px white between."""
-    grid = torchvision.utils.make_grid(to_uint8(x).permute(0, 3, 1, 2), nrow=nrow or math.ceil(math.sqrt(len(x))),
-                                       padding=2, pad_value=255)  # (C, H', W') uint8
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+    images = to_uint8(x)  # (B, H, W, C)
+    B, H, W, C = images.shape
+    columns = min(B, nrow or math.ceil(math.sqrt(B)))
+    rows = math.ceil(B / columns)
+    grid = torch.full((2 + rows * (H + 2), 2 + columns * (W + 2), C), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        top, left = 2 + i // columns * (H + 2), 2 + i % columns * (W + 2)
+        grid[top:top + H, left:left + W] = image
+    return Image.fromarray(grid.numpy())
 
 
 def labelled_grid(x, nrow=None, column_labels=(), row_labels=(), labels_below=False, min_side=64):
@@ -158,7 +163,7 @@ class NumberedImages(torch.utils.data.Dataset):
             raise RuntimeError(f"no readable image among the {len(self.paths)} PNGs of {os.path.dirname(path)}")
         if index >= len(self.paths):
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = pil_to_tensor(img).float() / 127.5 - 1  # (3, size, size), uint8 0..255 -> [-1, 1]
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1  # (3, size, size), 0..255 -> [-1, 1]
         return x if self.labels is None else (x, self.labels[chosen])
 
 
