@@ -13,7 +13,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
 from diffusion import GaussianDiffusion, classifier_free_guidance, drop_labels  # noqa: E402
-from test_sample_eval import fail_lines  # noqa: E402
+from test_sample_eval import bound_by_hand, fail_lines, nll_csv_vb, with_live_weights  # noqa: E402
 
 evaluate = importlib.import_module("eval")  # the script eval.py; the name `eval` is Python's built-in
 
@@ -113,6 +113,17 @@ def test_eval_grid_rows_and_guidance_columns(labelled, tmp_path):
     # guidance.png: w = 0, 1, 3, 5, a row for each of the 3 classes, enlarged 4x, an 18 px label row, class names
     guidance = Image.open(tmp_path / "guidance.png")
     assert guidance.height == 18 + 4 * (2 + 3 * cell) and guidance.width == grid.width  # the same labels' width
+
+
+def test_eval_nll_of_a_class_conditional_model_is_the_bound_under_the_null_label(labelled, tmp_path):
+    """-log p(x0) of the model with no class given: the null label that label dropout trained, not a real class."""
+    ckpt = with_live_weights(labelled / "run" / "ckpt.pt", tmp_path / "live.pt")
+    images = str(labelled / "data")
+    written = nll_csv_vb(ckpt, images, tmp_path)
+    null = bound_by_hand(ckpt, images, lambda x0, model: {"y": torch.full((len(x0),), model.num_classes)})
+    blue = bound_by_hand(ckpt, images, lambda x0, model: {"y": torch.zeros(len(x0), dtype=torch.long)})
+    assert torch.allclose(written, null, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(written, blue, rtol=1e-3)  # the label matters: the check could fail
 
 
 def test_bad_labels_and_classes_are_refused_in_one_line(labelled, tmp_path):

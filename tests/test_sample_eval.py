@@ -178,6 +178,34 @@ def nll_of(ckpt, data_dir, out, capsys):
     return total, prior, rows
 
 
+def with_live_weights(ckpt, path):
+    """A copy of ckpt at path with every EMA weight perturbed: after a few steps the zero-initialised output layers
+    are still near zero, and a condition (a label, a low-resolution image) barely reaches the output."""
+    checkpoint = util.load_checkpoint(ckpt)
+    generator = torch.Generator().manual_seed(0)
+    for weight in checkpoint["ema"].values():
+        if weight.is_floating_point():
+            weight += 0.05 * torch.randn(weight.shape, generator=generator)
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def bound_by_hand(ckpt, data_dir, condition, seed=0):
+    """Each L_t in bits/dim, averaged over data_dir's images, with the model given condition(x0, model) as its
+    model_kwargs: what eval.py --nll writes to nll.csv's vb_bpd column, when it conditions the model so."""
+    model, diffusion, config, step = util.load_model(ckpt, torch.device("cpu"), use_ema=True)
+    dataset = util.NumberedImages(data_dir, config["image_size"])
+    x0 = torch.stack([dataset[i] for i in range(len(dataset))])  # (N, 3, H, W)
+    torch.manual_seed(seed)  # eval.py --seed: the same x_t for every term
+    return diffusion.bpd(model, x0, model_kwargs=condition(x0, model))["vb"].mean(dim=0).double()  # (T,)
+
+
+def nll_csv_vb(ckpt, data_dir, out):
+    """eval.py CKPT --nll DATA_DIR: nll.csv's vb_bpd column (T,)."""
+    evaluate.main([ckpt, "--steps", "2", "--nll", data_dir, "--out", str(out)])
+    return torch.from_numpy(np.loadtxt(out / "nll.csv", delimiter=",", skiprows=1)[:, 1])
+
+
 def test_nll_terms_sum_to_the_total_and_training_lowers_it(run_dir, tmp_path, capsys):
     images = str(run_dir / "images")
     trained = nll_of(str(run_dir / "trained" / "ckpt.pt"), images, tmp_path / "trained", capsys)

@@ -17,7 +17,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
 from test_diffusion import Ref  # noqa: E402
-from test_sample_eval import TINY, fail_lines, smooth_images  # noqa: E402
+from test_sample_eval import TINY, bound_by_hand, fail_lines, nll_csv_vb, smooth_images, with_live_weights  # noqa: E402
 from test_unet import bilinear_by_hand  # noqa: E402
 
 evaluate = importlib.import_module("eval")  # the script eval.py; the name `eval` is Python's built-in
@@ -134,6 +134,17 @@ def test_sample_and_eval_on_the_real_checkpoint(superres_run, tmp_path, capsys):
     assert Image.open(tmp_path / "eval" / "superres.png").size == (4 * (2 + 4 * cell), 18 + 4 * (2 + 5 * cell))
     printed = capsys.readouterr().out
     assert "PSNR against the originals, mean over 5 images" in printed and "bicubic" in printed
+
+
+def test_eval_nll_of_a_super_resolution_model_is_conditioned_on_each_image_shrunk(superres_run, tmp_path):
+    """-log p(x0 | x0 shrunk to 4x4): each image's own low-resolution version, as in training."""
+    ckpt = with_live_weights(superres_run / "run" / "ckpt.pt", tmp_path / "live.pt")
+    images = str(superres_run / "images")
+    written = nll_csv_vb(ckpt, images, tmp_path)
+    own = bound_by_hand(ckpt, images, lambda x0, model: {"low_res": util.downsample(x0, LOW)})
+    others = bound_by_hand(ckpt, images, lambda x0, model: {"low_res": util.downsample(x0.flip(0), LOW)})
+    assert torch.allclose(written, own, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(written, others, rtol=1e-3)  # the condition matters: the check could fail
 
 
 def test_psnr_by_hand():
