@@ -1,7 +1,7 @@
 """
 The noise-prediction network: the U-Net of DDPM (Ho et al. 2020, App. B) with the changes of Improved DDPM
 (Nichol & Dhariwal 2021, App. A): 4 attention heads, attention at 16x16 and 8x8, the timestep injected by
-scale-shift, and an output of 2*in_channels when the variance is learned (eps, then v of eq. 15).
+scale-shift, and an output of 2*in_channels when the variance is learned (eps, then the variance output).
 
 The default configuration, UNet() for 64x64 images. The encoder pushes input_conv's output and every entry's output
 as a skip, which each decoder entry concatenates to h first (decoder 0: 512 + 512 from encoder 10).
@@ -16,7 +16,7 @@ as a skip, which each decoder entry concatenates to h first (decoder 0: 512 + 51
     16x16   decoder 3-5   ResBlock(512+384, 384+384, 384+256 -> 384) + Attention, then Upsample(384)
     32x32   decoder 6-8   ResBlock(384+256, 256+256, 256+128 -> 256), then Upsample(256)
     64x64   decoder 9-11  ResBlock(256+128, 128+128, 128+128 -> 128)
-    64x64   out           GroupNorm, SiLU, Conv2d(128 -> 6): eps and v for the 3 colour channels
+    64x64   out           GroupNorm, SiLU, Conv2d(128 -> 6): eps and the variance output, 3 channels each
 """
 import math
 
@@ -131,14 +131,16 @@ class EmbedSequential(nn.Sequential):
 class UNet(nn.Module):
     """x (B, in_channels, H, W), t (B,) int64 timesteps, y (B,) int64 labels iff num_classes is set (num_classes itself:
     "no class", classifier-free guidance's null label), low_res (B, cond_channels, h, w) iff cond_channels > 0 (the
-    super-resolution input, enlarged here to H x W) -> [eps, v] (B, 2*in_channels, H, W) if learn_sigma, else eps.
-    attention_resolutions: the feature-map sizes with attention, counted for an image_size x image_size input."""
+    super-resolution input, enlarged here to H x W) -> [eps, variance_output] (B, 2*in_channels, H, W) if learn_sigma,
+    else eps. attention_resolutions: the feature-map sizes with attention, counted for an image_size input."""
 
     def __init__(self, image_size=64, in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                  attention_resolutions=(16, 8), num_heads=4, dropout=0.1, learn_sigma=True, num_classes=None,
                  cond_channels=0, min_group_channels=4, checkpointing=False):
         super().__init__()
-        self.in_channels, self.num_classes, self.cond_channels = in_channels, num_classes, cond_channels
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.cond_channels = cond_channels
         self.checkpointing = checkpointing
         emb_channels = 4 * base_channels
 
@@ -183,7 +185,7 @@ class UNet(nn.Module):
                     resolution *= 2
                 self.decoder.append(EmbedSequential(*layers))
 
-        # learn_sigma: the extra in_channels outputs are v, which interpolates the log-variance (eq. 15)
+        # learn_sigma: the extra in_channels outputs are variance_output; diffusion.py makes eq. 15's v of them
         out_channels = 2 * in_channels if learn_sigma else in_channels
         self.out = nn.Sequential(group_norm(ch, min_group_channels), nn.SiLU(),
                                  zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
