@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--num_timesteps", type=int, default=1000, help="T, the number of noising steps")
     p.add_argument("--noise_schedule", choices=("cosine", "linear"), default="cosine", help="eq. 17, or DDPM's")
     p.add_argument("--learn_sigma", action=on_off, default=True, help="learn the reverse variances (eq. 15)")
-    p.add_argument("--loss_type", choices=("hybrid", "mse", "kl"), default="hybrid", help="eq. 16, L_simple, L_vlb")
+    p.add_argument("--loss_type", choices=("hybrid", "mse", "kl"), default="hybrid",
+                   help="hybrid: eq. 16; mse: L_simple (+ L_t, unweighted, to learn Sigma); kl: L_vlb")
     p.add_argument("--importance_sampling", action=on_off, default=False, help="sample t by eq. 18 (for kl)")
     p.add_argument("--batch_size", type=int, default=32, help="images per GPU (or CPU process) per step")
     p.add_argument("--microbatch", type=int, default=None, metavar="M", help="run each batch in chunks of M images")
@@ -99,40 +100,104 @@ ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks",
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "lr", "grad_norm", "images_per_s", "elapsed_s", "skipped", "loss_scale")
 
 
-# -- Data: util.NumberedImages, with mirrored copies (the random flip); here, only their order ----------------------
-def shuffle_forever(size, seed, start=0, rank=0, world_size=1):
-    """Dataset indices reshuffled every epoch, forever, in an order set by the seed alone, so that a run resumed at
-    step s skips the s * batch_size indices used. Under DDP rank r takes every world_size-th index."""
-    per_rank = size // world_size  # the same count on every rank, so no rank waits for another
-    epoch, offset = divmod(start, per_rank)
-    while True:
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch))
-        yield from order[rank::world_size][:per_rank][offset:].tolist()
-        epoch, offset = epoch + 1, 0
-
-
-def leave_process_group(worker_id):
-    os.setpgid(0, 0)  # torchrun and Ctrl-C signal the process group: in one of its own a worker outlives the save
-
-
-# -- Training ----------------------------------------------------------------------------------------------------
+# -- The method: a training step of Improved DDPM, and the loop that repeats it -----------------------------------
 def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step, args, amp_dtype, y=None):
-    """One AdamW step on x0 (B, 3, H, W) (and labels y (B,)), then the EMA's; train_model: model or its DDP/compiled
-    wrapper. Returns the weighted mean loss, per-example losses, gradient norm and whether all were finite."""
-    B = x0.shape[0]
-    # t, the noise and the dropped labels are drawn for the whole batch before it is split, so --microbatch takes the
-    # same step but for float rounding and dropout, whose masks are drawn chunk by chunk (others, from the same law)
-    t, weights = diffusion.sample_timesteps(B, x0.device)  # weights: importance sampling's 1 / (T p_t)
+    """A step on x0 (B, 3, H, W) (labels y (B,)): t, noise, loss (eq. 16), backward, AdamW, EMA. train_model: model or
+    its DDP/compiled wrapper. Returns the mean loss, per-example losses, gradient norm, whether the step was taken."""
+    t, weights = diffusion.sample_timesteps(len(x0), x0.device)  # uniform, or by eq. 18 (weights: 1 / (T p_t))
     noise = torch.randn_like(x0)
-    model_kwargs = {}
-    if y is not None:
+    model_kwargs = {}  # the model's inputs beside x_t and t, if any
+    if y is not None:  # classifier-free guidance: labels replaced by the null label with probability --class_dropout
         model_kwargs["y"] = drop_labels(y, args.class_dropout, model.num_classes)
-    if args.super_res_from:  # the condition: x0 shrunk to S x S (B, 3, S, S), as sample.py --low_res reads it
+    if args.super_res_from:  # super-resolution: x0 shrunk to S x S (B, 3, S, S), as sample.py --low_res reads it
         model_kwargs["low_res"] = util.downsample(x0, args.super_res_from)
     for group in optimizer.param_groups:
         group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))  # linear warm-up
     optimizer.zero_grad(set_to_none=True)
-    chunk, chunk_losses = args.microbatch or B, []
+    losses = loss_and_backward(train_model, diffusion, x0, t, noise, model_kwargs, weights, scaler, args, amp_dtype)
+    scaler.unscale_(optimizer)  # fp16: the true gradients, for the clip (a no-op in fp32 and bf16)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    scaler.step(optimizer)  # AdamW; fp16 skips the step if a gradient is not finite
+    scaler.update()  # after a skipped step, halves the loss scale
+    if diffusion.importance_sampling:
+        diffusion.update_loss_history(t, losses["loss"])  # eq. 18 draws t by these (non-finite losses left out)
+    update_ema(ema, model, step, args.ema_rate)
+    return (losses["loss"] * weights).mean(), losses, grad_norm, torch.isfinite(grad_norm)
+
+
+def main(argv=None):
+    """Start the processes, check the data, build or resume the model, then step until --max_steps or a stop signal."""
+    args = parse_args(argv)
+    config = vars(args)
+    device, rank, world_size = start_processes(args)
+    amp_dtype = util.autocast_dtype(device, args.precision)
+    is_main = rank == 0
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    with stop_signals() as received:  # from here: the loader's workers are started with the handlers in place
+        dataset = load_dataset(args)
+        config["classes"] = dataset.classes  # None, or the class names: what each label means
+        model, ema, diffusion, optimizer, scaler, step = build_or_resume(args, config, device, amp_dtype, rank)
+        train_model = model  # what the step calls
+        if world_size > 1:
+            train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if args.compile:
+            train_model = torch.compile(train_model)
+        batches = load_batches(dataset, args, step, rank, world_size, device)
+        if is_main:
+            os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+            start = f"resuming at step {step}" if step else "starting"
+            print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(dataset.paths)} images, "
+                  f"{world_size} x {device}, autocast {amp_dtype}, {start}", file=sys.stderr)
+        log = Log(args, step, args.max_skipped_steps if scaler.is_enabled() else 1, write=is_main)  # OUT/log.csv
+        progress = tqdm(total=args.max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True,
+                        mininterval=1 if sys.stderr.isatty() else 30)
+        start_step = step
+        stop_reason = None
+        while step < args.max_steps and stop_reason is None:
+            x0, y = next(batches)  # (B, 3, H, W) in [-1, 1] on the device; (B,) labels, or None
+            loss, losses, grad_norm, finite = training_step(train_model, model, ema, diffusion, optimizer, scaler, x0,
+                                                            step, args, amp_dtype, y)
+            step += 1
+            progress.update()
+            log.add(loss, losses, grad_norm, finite)
+            # -- a log row, a checkpoint, a sample grid: the only places that wait for the device -----------------
+            stop = bool(received) or (args.max_minutes > 0 and time.time() - log.start_time > 60 * args.max_minutes)
+            if world_size > 1:  # all ranks stop at the same step; agreeing waits for the GPU, so every 10 steps
+                stop = ranks_agree_to_stop(stop, device) if step % 10 == 0 else False
+            at_save_step = step % args.save_every == 0 or step == args.max_steps or stop
+            at_sample_step = step == args.max_steps or (args.sample_every > 0 and step % args.sample_every == 0)
+            if not (step % args.log_every == 0 or at_save_step or at_sample_step):
+                continue
+            row = log.row(step, optimizer.param_groups[0]["lr"], args.batch_size * world_size, scaler, ckpt_path)
+            progress.set_postfix(loss=row["loss"] or "-", img_s=row["images_per_s"])
+            if is_main and at_save_step:  # before the grid: a stop must not wait for the samples
+                save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
+            if is_main and at_sample_step:
+                save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, log.tensorboard)
+            if stop:
+                stop_reason = f"{received[0]} received" if received else "--max_minutes reached"
+            log.clock = time.time()  # images/s counts training only, not plots, saves and grids
+        if is_main and step == start_step:  # --max_steps 0, or a run resumed at its end: saved as it is
+            save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
+        if is_main:
+            print(f"stopped at step {step} ({stop_reason or 'max_steps'}); checkpoint: {ckpt_path}", file=sys.stderr)
+        progress.close()
+        if log.tensorboard is not None:
+            log.tensorboard.close()
+    # Only here, at a clean end: after an exception NCCL's destroy would wait for collectives the other ranks never
+    # join, a hang; a rank that exits without it lets torchrun see the failure and stop the others
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return step
+
+
+# -- The step's parts: the backward in chunks, the EMA ------------------------------------------------
+def loss_and_backward(train_model, diffusion, x0, t, noise, model_kwargs, weights, scaler, args, amp_dtype):
+    """The per-example losses (diffusion.training_losses) and the gradients of their weighted mean, under autocast, in
+    chunks of --microbatch images: the same step but for rounding and dropout, whose masks are drawn chunk by chunk."""
+    B = len(x0)
+    chunk = args.microbatch or B
+    chunk_losses = []
     for start in range(0, B, chunk):
         part = slice(start, start + chunk)
         last = start + chunk >= B  # DDP all-reduces the gradients in every backward: once, after the last, is enough
@@ -146,35 +211,78 @@ def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, ste
             loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
             scaler.scale(loss).backward()  # fp16: the scaled loss keeps small gradients from flushing to 0
         chunk_losses.append(losses)
-    losses = {key: torch.cat([part[key] for part in chunk_losses]) for key in chunk_losses[0]}  # (B,) each
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-    finite_step = torch.isfinite(grad_norm)  # what the scaler decides on
-    scaler.step(optimizer)
-    scaler.update()  # after a skipped step, halves the scale
-    if diffusion.importance_sampling:
-        diffusion.update_loss_history(t, losses["loss"])  # non-finite losses are left out
-    # EMA (DDPM, sec. 4), its decay warmed up so that short runs get a useful one: ema += (1 - decay) (model - ema), in
-    # place. After a skipped fp16 step the weights are as they were, and the EMA moves towards them as after any step
-    decay = min(args.ema_rate, (1 + step) / (10 + step))
+    return {key: torch.cat([part[key] for part in chunk_losses]) for key in chunk_losses[0]}
+
+
+def update_ema(ema, model, step, rate):
+    """EMA (DDPM, sec. 4): ema += (1 - decay) (model - ema), in place, the decay warmed up so that short runs get a
+    useful one. After a skipped fp16 step the weights are as they were, and the EMA moves towards them as usual."""
+    decay = min(rate, (1 + step) / (10 + step))
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-    return (losses["loss"] * weights).mean(), losses, grad_norm, finite_step
 
 
 def build_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # 1 kernel
 
 
-# -- Outputs: log.csv, loss.png, TensorBoard (the sample grids: sample.save_samples) -----------------------------
+# -- Data: util.NumberedImages and their mirror images, in a seeded order -----------------------------------------
+def load_dataset(args):
+    """The images and, as N more, their mirror images: the random flip, drawn by the seeded order below, so that a
+    resumed run sees the same batches. A bad folder stops the run at once, in one line."""
+    try:
+        return util.NumberedImages(args.data_dir, args.image_size, labels=args.class_cond, mirror=True)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def load_batches(dataset, args, step, rank, world_size, device):
+    """Batches (x0, y) on the device, forever, from step `step` on; y is None without --class_cond."""
+    sampler = shuffle_forever(len(dataset), args.seed, step * args.batch_size, rank, world_size)
+    # Workers forked, as on Linux before Python 3.14: its new default, forkserver, starts a server process in our
+    # process group, where the SIGTERM or Ctrl-C meant for us kills it, and the workers with it
+    fork = "fork" if sys.platform == "linux" and args.num_workers > 0 else None
+    loader = torch.utils.data.DataLoader(  # its own generator: the run's random stream is the model's alone
+        dataset, args.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(0),
+        num_workers=args.num_workers, persistent_workers=args.num_workers > 0, pin_memory=device.type == "cuda",
+        worker_init_fn=leave_process_group, multiprocessing_context=fork)
+    for batch in loader:
+        x0, y = batch if args.class_cond else (batch, None)
+        x0 = x0.to(device, non_blocking=True, memory_format=memory_format(device))
+        yield x0, (None if y is None else y.to(device, non_blocking=True))
+
+
+def shuffle_forever(size, seed, start=0, rank=0, world_size=1):
+    """Dataset indices reshuffled every epoch, forever, in an order set by the seed alone, so that a run resumed at
+    step s skips the s * batch_size indices used. Under DDP rank r takes every world_size-th index."""
+    per_rank = size // world_size  # the same count on every rank, so no rank waits for another
+    epoch, offset = divmod(start, per_rank)
+    while True:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch))
+        yield from order[rank::world_size][:per_rank][offset:].tolist()
+        epoch += 1
+        offset = 0
+
+
+def leave_process_group(worker_id):
+    os.setpgid(0, 0)  # torchrun and Ctrl-C signal the process group: in one of its own a worker outlives the save
+
+
+# -- Outputs: log.csv, loss.png, TensorBoard (the sample grids: sample.save_samples) ------------------------------
 class Log:
     """log.csv (+ loss.png, TensorBoard): at each log, save and sample step a row of means over the finite steps since
     the last, kept on the device till then. A row first stops the run unsaved at `limit` non-finite steps in a row."""
 
     def __init__(self, args, step, limit, write):
-        self.path, self.limit, self.write, self.last_step = Path(args.out_dir, "log.csv"), limit, write, step
-        self.start_time = self.clock = time.time()
-        self.steps, self.in_a_row, self.tensorboard = [], 0, None  # each step's (loss, mse, vb, grad norm, finite)
+        self.path = Path(args.out_dir, "log.csv")
+        self.limit = limit
+        self.write = write
+        self.last_step = step
+        self.start_time = time.time()
+        self.clock = self.start_time  # the start of the steps the next row counts
+        self.steps = []  # each step's (loss, mse, vb, grad norm, finite), on the device till the next row
+        self.in_a_row = 0  # non-finite steps in a row
+        self.tensorboard = None
         if write:  # on a resume the rows after the checkpoint go; the rest are kept, and plotted, with the new ones
             kept = self.path.read_text().splitlines(keepends=True)[1:] if step and self.path.exists() else []
             kept = [line for line in kept if int(line.split(",")[0]) <= step]
@@ -235,13 +343,14 @@ class Log:
         return row
 
 
-# -- The run: processes and devices; model, optimiser and resume; the loop ---------------------------------------
+# -- Processes and devices; building, resuming and saving; stopping -----------------------------------------------
 def start_processes(args):
     """(device, rank, world size); under torchrun a process group, NCCL between GPUs, gloo between CPU processes."""
     device = util.pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # cuda:1 in one process too: its random stream is the one sampling uses
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # Ampere on: same, faster
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere on: TF32 matmuls and convolutions, as good, faster
+        torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # destroyed at the end of main, and only there (see there)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -328,88 +437,12 @@ def stop_signals():
             signal.signal(signum, handler)
 
 
-def ranks_agree_to_stop(stop, flag):
-    """Whether any rank wants to stop: all must stop at the same step (one alone would hang the others). flag: a
-    tensor on the device, filled without waiting for it; the all-reduce's result is the one value read back."""
-    flag.fill_(stop)
+def ranks_agree_to_stop(stop, device):
+    """Whether any rank wants to stop: all must stop at the same step (one alone would hang the others). The flag is
+    filled on the device without waiting for it; the all-reduce's result is the one value read back."""
+    flag = torch.full((), float(stop), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    config = vars(args)
-    device, rank, world_size = start_processes(args)
-    amp_dtype = util.autocast_dtype(device, args.precision)
-    is_main, ckpt_path = rank == 0, os.path.join(args.out_dir, "ckpt.pt")
-    with stop_signals() as received:  # from here: the loader's workers are started with the handlers in place
-        try:  # check the data first: a bad folder stops the run at once, with one line saying what to do
-            dataset = util.NumberedImages(args.data_dir, args.image_size, labels=args.class_cond, mirror=True)
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"error: {error}") from None
-        config["classes"] = dataset.classes  # None, or the class names: what each label means
-        model, ema, diffusion, optimizer, scaler, step = build_or_resume(args, config, device, amp_dtype, rank)
-        train_model, start_step = model, step
-        if world_size > 1:
-            train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if args.compile:
-            train_model = torch.compile(train_model)
-        sampler = shuffle_forever(len(dataset), args.seed, step * args.batch_size, rank, world_size)
-        # Workers forked, as on Linux before Python 3.14: its new default, forkserver, starts a server process in our
-        # process group, where the SIGTERM or Ctrl-C meant for us kills it, and the workers with it
-        fork = "fork" if sys.platform == "linux" and args.num_workers > 0 else None
-        batches = iter(torch.utils.data.DataLoader(  # its own generator: the run's random stream is the model's alone
-            dataset, args.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(0),
-            num_workers=args.num_workers, persistent_workers=args.num_workers > 0, pin_memory=device.type == "cuda",
-            worker_init_fn=leave_process_group, multiprocessing_context=fork))
-        stop_flag = torch.zeros((), device=device)  # DDP: whether any rank was told to stop
-        if is_main:
-            os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-            start = f"resuming at step {step}" if step else "starting"
-            print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(dataset.paths)} images, "
-                  f"{world_size} x {device}, autocast {amp_dtype}, {start}", file=sys.stderr)
-        log = Log(args, step, args.max_skipped_steps if scaler.is_enabled() else 1, write=is_main)
-        progress = tqdm(total=args.max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True,
-                        mininterval=1 if sys.stderr.isatty() else 30)
-        stop_reason = "max_steps"
-        while step < args.max_steps and stop_reason == "max_steps":
-            x0, y = next(batches) if args.class_cond else (next(batches), None)  # (B, 3, H, W) in [-1, 1], (B,)
-            x0 = x0.to(device, non_blocking=True, memory_format=memory_format(device))
-            y = y if y is None else y.to(device, non_blocking=True)
-            loss, losses, grad_norm, finite = training_step(train_model, model, ema, diffusion, optimizer, scaler, x0,
-                                                            step, args, amp_dtype, y)
-            step += 1
-            progress.update()
-            log.add(loss, losses, grad_norm, finite)
-            # -- a log row, a checkpoint, a sample grid: the only places that wait for the device -----------------
-            stop = bool(received) or (args.max_minutes > 0 and time.time() - log.start_time > 60 * args.max_minutes)
-            if world_size > 1:
-                stop = step % 10 == 0 and ranks_agree_to_stop(stop, stop_flag)  # a wait for the GPU: not every step
-            at_save_step = step % args.save_every == 0 or step == args.max_steps or stop
-            at_sample_step = args.sample_every and step % args.sample_every == 0 or step == args.max_steps
-            if not (step % args.log_every == 0 or at_save_step or at_sample_step):
-                continue
-            row = log.row(step, optimizer.param_groups[0]["lr"], args.batch_size * world_size, scaler, ckpt_path)
-            progress.set_postfix(loss=row["loss"] or "-", img_s=row["images_per_s"])
-            if is_main and at_save_step:  # before the grid: a stop must not wait for the samples
-                save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
-            if is_main and at_sample_step:
-                save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, log.tensorboard)
-            if stop:
-                stop_reason = f"{received[0]} received" if received else "--max_minutes reached"
-            log.clock = time.time()  # images/s counts training only, not plots, saves and grids
-        if is_main and step == start_step:  # --max_steps 0, or a run resumed at its end: saved as it is
-            save_checkpoint(ckpt_path, model, ema, optimizer, scaler, diffusion, step, config, device)
-        if is_main:
-            print(f"stopped at step {step} ({stop_reason}); checkpoint: {ckpt_path}", file=sys.stderr)
-        progress.close()
-        if log.tensorboard is not None:
-            log.tensorboard.close()
-    # Only here, at a clean end: after an exception NCCL's destroy would wait for collectives the other ranks never
-    # join, a hang; a rank that exits without it lets torchrun see the failure and stop the others
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return step
 
 
 if __name__ == "__main__":

@@ -510,13 +510,12 @@ def part_syncs(p):
         ddp = DistributedDataParallel(model, device_ids=[device])
         x0 = torch.rand(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=train.memory_format(device))
         log = train.Log(args, 0, limit=100, write=False)
-        stop_flag = torch.zeros((), device=device)
 
         def step():
             log.add(*train.training_step(ddp, model, ema, diffusion, optimizer, scaler, x0, 100, args, dtype))
 
         def stop_check():
-            train.ranks_agree_to_stop(False, stop_flag)
+            train.ranks_agree_to_stop(False, device)
 
         def log_row():
             step()
