@@ -68,7 +68,9 @@ def save_columns(columns, labels, path, row_labels=()):
 
 def make_pictures(diffusion, model, config, dataset, args, device, out):
     """grid.png, process/, pred_x0/, denoise.gif, steps.png, guidance.png; dataset: --data_dir's images, or None."""
-    T, steps, size = diffusion.num_timesteps, args.steps or diffusion.num_timesteps, config["image_size"]
+    T = diffusion.num_timesteps
+    steps = args.steps or T
+    size = config["image_size"]
     noise = torch.randn(16, model.in_channels, size, size, device=device,
                         generator=torch.Generator(device).manual_seed(args.seed))  # x_T of the 4 x 4 grid
     classes = config.get("classes") or []
@@ -145,7 +147,8 @@ def measure_nll(diffusion, model, config, dataset, args, device, out):
     torch.manual_seed(args.seed)  # bpd draws a fresh x_t for every term
     # fp32 through and through: the terms at small t compare means that differ by less than bf16 or TF32 resolve
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     results = []
     try:
         with tqdm(total=num * T, desc="bits/dim (images x T)", unit="call", unit_scale=True) as progress:

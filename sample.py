@@ -58,7 +58,11 @@ def load_for_sampling(args):
 def save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, tensorboard=None):
     """OUT/samples/STEP.png: EMA samples in 50 respaced steps (sec. 4), the same noise each time. Class-conditional:
     a row per class (the first 8). Super-resolution: rows of three, low-res input, sample, original."""
-    num, nrow, model_kwargs, row_labels, size = config["num_samples"], None, {}, [], config["image_size"]
+    num = config["num_samples"]
+    size = config["image_size"]
+    nrow = None  # the grid's images a row: about sqrt(num)
+    row_labels = []
+    model_kwargs = {}
     if config["classes"]:
         rows = min(8, len(config["classes"]))
         nrow = max(1, num // rows)
@@ -166,7 +170,7 @@ def main(argv=None):
         checkpoint=os.path.abspath(args.checkpoint), checkpoint_step=step, ema=not args.no_ema,
         steps=args.steps or diffusion.num_timesteps, ddim=args.ddim, eta=args.eta, seed=args.seed,
         batch_size=args.batch_size, device=device.type, precision=str(amp_dtype or torch.float32), classes=classes,
-        guidance=args.guidance, low_res=args.low_res and os.path.abspath(args.low_res)))
+        guidance=args.guidance, low_res=os.path.abspath(args.low_res) if args.low_res else None))
     paths = [os.path.join(out, f"{n}.png") for n in range(1, args.num + 1)]  # image i is paths[i]
     batches = [range(start, min(start + args.batch_size, args.num)) for start in range(0, args.num, args.batch_size)]
     todo = [b for b, images in enumerate(batches) if not all(os.path.exists(paths[i]) for i in images)]

@@ -141,13 +141,16 @@ class NumberedImages(torch.utils.data.Dataset):
                                     f"{numbers[-1]}.png are): the images must be numbered without gaps; renumber them "
                                     f"with: util.py prepare {folder} --out {folder}_renumbered --size {image_size}")
         self.paths = [os.path.join(folder, f"{n}.png") for n in numbers]
-        self.image_size, self.mirror, self.reported = image_size, mirror, set()
+        self.image_size = image_size
+        self.mirror = mirror
+        self.reported = set()  # the unreadable files already warned of
         self.classes, self.labels = read_labels(folder, len(self.paths)) if labels else (None, None)
 
     def __len__(self):
         return 2 * len(self.paths) if self.mirror else len(self.paths)
 
     def __getitem__(self, index):
+        mirrored = index >= len(self.paths)  # N..2N-1: the images flipped left-right
         for attempt in range(len(self.paths)):  # a corrupt file must not kill a run: said once, the next one used
             chosen = (index + attempt) % len(self.paths)
             path = self.paths[chosen]
@@ -161,8 +164,8 @@ class NumberedImages(torch.utils.data.Dataset):
                     print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr)
         else:
             raise RuntimeError(f"no readable image among the {len(self.paths)} PNGs of {os.path.dirname(path)}")
-        if index >= len(self.paths):
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if mirrored:
+            img = ImageOps.mirror(img)
         x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1  # (3, size, size), 0..255 -> [-1, 1]
         return x if self.labels is None else (x, self.labels[chosen])
 
