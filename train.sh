@@ -88,9 +88,10 @@ PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-50} setsid $LAUNCH train.py \
 pid=$!
 echo $pid > "$PIDFILE"
 
-# Wait for the run's first line (data checked, model built), so that a mistake shows here, not only in the log.
+# Wait until train.py writes OUT/log.csv anew, as it does once the data is checked and the model built, so that a
+# mistake shows here, not only in the log.
 waited=0
-until tail -n +"$log_start" "$OUT/train.log" | grep -q "parameters, "; do
+until [ -n "$(find "$OUT/log.csv" -newer "$PIDFILE" 2>/dev/null)" ]; do
     if ! is_our_run "$pid"; then
         echo "train.py stopped before training; the end of $OUT/train.log:" >&2
         tail -n +"$log_start" "$OUT/train.log" | tail -n 5 >&2
