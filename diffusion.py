@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 HYBRID_LAMBDA = 0.001  # eq. 16: L_hybrid = L_simple + lambda L_vlb
 HISTORY_PER_TERM = 10  # sec. 3.3: keep the last 10 losses of every t for importance sampling
-UNIFORM_SHARE = 0.001  # sec. 3.3: mix a little of the uniform distribution into p_t
+UNIFORM_SHARE = 0.001  # as the reference code: a little of the uniform distribution in p_t, so every t is drawn
 
 
 # -- The schedule: beta_t (eq. 17, or DDPM's linear one) and the arrays made from it ------------------------------
@@ -39,7 +39,7 @@ def make_betas(noise_schedule, num_timesteps):
 
 
 def schedule_arrays(betas):
-    """Every float64 array the process needs, derived from beta_1..T (also used for respaced processes)."""
+    """Every float64 array the process needs, made from betas[t], t = 0..T-1 (also for respaced processes)."""
     alphas_cumprod = torch.cumprod(1 - betas, dim=0)
     alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=betas.dtype, device=betas.device), alphas_cumprod[:-1]])
     # posterior q(x_{t-1} | x_t, x_0), DDPM eq. 6-7

@@ -68,8 +68,7 @@ def save_columns(columns, labels, path, row_labels=()):
 
 def make_pictures(diffusion, model, config, dataset, args, device, out):
     """grid.png, process/, pred_x0/, denoise.gif, steps.png, guidance.png; dataset: --data_dir's images, or None."""
-    T = diffusion.num_timesteps
-    steps = args.steps or T
+    steps = args.steps or diffusion.num_timesteps
     size = config["image_size"]
     noise = torch.randn(16, model.in_channels, size, size, device=device,
                         generator=torch.Generator(device).manual_seed(args.seed))  # x_T of the 4 x 4 grid
@@ -100,10 +99,10 @@ def make_pictures(diffusion, model, config, dataset, args, device, out):
     print(f"steps.png: K = {', '.join(map(str, counts))} steps", file=sys.stderr)
     columns = [sample_keeping(diffusion, sampler, noise[:ROWS], k, args, first_rows)[0] if k < steps
                else samples[:ROWS] for k in counts]
-    save_columns(columns, [f"K={k}" if k < T else f"T={k}" for k in counts], os.path.join(out, "steps.png"),
-                 row_names[:ROWS])
+    labels = [f"K={k}" if k < diffusion.num_timesteps else f"T={k}" for k in counts]
+    save_columns(columns, labels, os.path.join(out, "steps.png"), row_names[:ROWS])
     if classes:  # guidance.png: a class a row (the first 8), the same noise at each weight w
-        rows, guidance_steps = min(ROWS, len(classes)), args.steps or min(T, 100)
+        rows, guidance_steps = min(ROWS, len(classes)), args.steps or min(diffusion.num_timesteps, 100)
         print(f"guidance.png: sampling with {guidance_steps} steps at w = {GUIDANCE_WEIGHTS}", file=sys.stderr)
         y = {"y": torch.arange(rows, device=device)}
         columns = [sample_keeping(diffusion, classifier_free_guidance(model, w, model.num_classes), noise[:rows],
@@ -120,7 +119,7 @@ def psnr(x, reference):
 
 def compare_super_resolution(diffusion, model, config, dataset, args, device, out):
     """superres.png for the first 8 images of --data_dir, PSNRs over the first --num. A sample is one plausible
-    image, not the mean of them all that minimises the squared error: sharper than bicubic, yet lower in PSNR."""
+    image, not the mean of them all that minimises the squared error: PSNR rewards blur, so judge the pictures too."""
     size, low = config["image_size"], config["super_res_from"]
     originals = torch.stack([dataset[i] for i in range(min(args.num, len(dataset)))])  # (num, 3, H, W)
     low_res = util.downsample(originals, low)  # (num, 3, S, S)
@@ -141,7 +140,7 @@ def compare_super_resolution(diffusion, model, config, dataset, args, device, ou
 
 
 def measure_nll(diffusion, model, config, dataset, args, device, out):
-    """The variational bound (eq. 4-6) in bits/dim on --nll's images: -log p(x0), or -log p(x0 | low-res x0)."""
+    """The whole variational bound (every L_t and L_T) in bits/dim on --nll's images: -log p(x0) or -log p(x0 | low)."""
     images = torch.stack([dataset[i] for i in range(min(args.num, len(dataset)))]).to(device)  # (num, 3, H, W)
     num, T = len(images), diffusion.num_timesteps
     torch.manual_seed(args.seed)  # bpd draws a fresh x_t for every term

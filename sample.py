@@ -66,7 +66,8 @@ def save_samples(ema, diffusion, config, step, device, dataset, amp_dtype, tenso
     if config["classes"]:
         rows = min(8, len(config["classes"]))
         nrow = max(1, num // rows)
-        num, row_labels = rows * nrow, config["classes"][:rows]
+        num = rows * nrow
+        row_labels = config["classes"][:rows]
         model_kwargs["y"] = torch.arange(rows, device=device).repeat_interleave(nrow)  # row r: class r
     if config["super_res_from"]:
         num = min(num, len(dataset.paths))  # the first training images, not their mirrors

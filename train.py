@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing", action=on_off, default=False, help="recompute activations in the backward")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up from 0")
+    p.add_argument("--warmup_steps", type=int, default=200, help="steps of linear learning-rate warm-up")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
     p.add_argument("--ema_rate", type=float, default=0.9999, help="EMA decay, warmed up as (1+step)/(10+step)")
     p.add_argument("--max_steps", type=int, default=2000, help="optimiser steps in all, across resumes")
@@ -93,17 +93,16 @@ def parse_args(argv=None):
     return args
 
 
-# The checkpoint must match the model and process these flags build; the others may change between resumes.
 ARCHITECTURE = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                 "num_timesteps", "noise_schedule", "learn_sigma", "loss_type", "importance_sampling", "class_cond",
-                "classes", "super_res_from", "min_group_channels")
+                "classes", "super_res_from", "min_group_channels")  # what a resume must keep; other flags may change
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "lr", "grad_norm", "images_per_s", "elapsed_s", "skipped", "loss_scale")
 
 
 # -- The method: a training step of Improved DDPM, and the loop that repeats it -----------------------------------
 def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, step, args, amp_dtype, y=None):
     """A step on x0 (B, 3, H, W) (labels y (B,)): t, noise, loss (eq. 16), backward, AdamW, EMA. train_model: model or
-    its DDP/compiled wrapper. Returns the mean loss, per-example losses, gradient norm, whether the step was taken."""
+    its DDP/compiled wrapper. Returns the mean loss, per-example losses, gradient norm, whether it was finite."""
     t, weights = diffusion.sample_timesteps(len(x0), x0.device)  # uniform, or by eq. 18 (weights: 1 / (T p_t))
     noise = torch.randn_like(x0)
     model_kwargs = {}  # the model's inputs beside x_t and t, if any
@@ -120,7 +119,7 @@ def training_step(train_model, model, ema, diffusion, optimizer, scaler, x0, ste
     scaler.step(optimizer)  # AdamW; fp16 skips the step if a gradient is not finite
     scaler.update()  # after a skipped step, halves the loss scale
     if diffusion.importance_sampling:
-        diffusion.update_loss_history(t, losses["loss"])  # eq. 18 draws t by these (non-finite losses left out)
+        diffusion.update_loss_history(t, losses["loss"])  # eq. 18's p_t follows these (as the reference code's)
     update_ema(ema, model, step, args.ema_rate)
     return (losses["loss"] * weights).mean(), losses, grad_norm, torch.isfinite(grad_norm)
 

@@ -173,7 +173,8 @@ class NumberedImages(torch.utils.data.Dataset):
 def prepare(srcs, out, size, min_size=None, overwrite=False, labels=False):
     """Merge folders of images into out/1.png ... N.png, RGB, centre-cropped to size x size, skipping those with a
     side below min_size (None: size); returns N. labels: out/labels.txt, each image's sub-folder (SRC/CLASS/x.png)."""
-    min_size, extensions = size if min_size is None else min_size, {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+    min_size = size if min_size is None else min_size
+    extensions = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
     files, ignored = [], 0  # (path, its first-level sub-folder: the class with --labels)
     for src in srcs:  # SRC folders in the order given, each one's files (sub-folders included) sorted
         if not Path(src).is_dir() or Path(src).resolve() == Path(out).resolve():
