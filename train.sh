@@ -77,8 +77,12 @@ fi
 touch "$OUT/train.log"
 log_start=$(($(wc -l < "$OUT/train.log") + 1))  # the log is appended to: this run's lines start here
 # setsid: a session of its own has no terminal whose closing could stop it (nohup is not enough: torchrun answers
-# SIGHUP itself, whatever nohup set)
-PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-50} setsid $LAUNCH train.py \
+# SIGHUP itself, whatever nohup set). Where there is no setsid (macOS), nohup: enough for one process.
+SESSION=setsid
+if ! command -v setsid > /dev/null; then
+    SESSION=nohup
+fi
+PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-50} $SESSION $LAUNCH train.py \
     --data_dir AnimeFaces64 --out_dir runs/anime64 --image_size 64 \
     --base_channels 128 --channel_mult 1,2,3,4 --num_res_blocks 2 --attention_resolutions 16,8 --num_heads 4 \
     --dropout 0.1 --num_timesteps 1000 --noise_schedule cosine --loss_type hybrid --learn_sigma \
