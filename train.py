@@ -190,7 +190,7 @@ def main(argv=None):
     return step
 
 
-# -- The step's parts: the backward in chunks, the EMA ------------------------------------------------
+# -- The step's parts: the backward in chunks, the EMA ------------------------------------------------------------
 def loss_and_backward(train_model, diffusion, x0, t, noise, model_kwargs, weights, scaler, args, amp_dtype):
     """The per-example losses (diffusion.training_losses) and the gradients of their weighted mean, under autocast, in
     chunks of --microbatch images: the same step but for rounding and dropout, whose masks are drawn chunk by chunk."""
