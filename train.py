@@ -39,7 +39,7 @@ def parse_args(argv=None):
     on_off = argparse.BooleanOptionalAction
     p.add_argument("--data_dir", default="data/emoji", help="folder of 1.png ... N.png (see `util.py prepare`)")
     p.add_argument("--image_size", type=int, default=32, help="other sizes are centre-cropped and resized")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader processes per GPU (0: the main process)")
+    p.add_argument("--num_workers", type=int, default=None, help="loader processes (None: 2 a GPU, 0 on a CPU)")
     p.add_argument("--class_cond", action=on_off, default=False, help="condition on DATA_DIR/labels.txt's classes")
     p.add_argument("--class_dropout", type=float, default=0.1, help="chance of the null label (classifier-free)")
     p.add_argument("--super_res_from", type=int, default=None, metavar="S", help="super-resolution from S x S images")
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--attention_resolutions", type=int_list, default=(8,), help="feature-map sizes with attention")
     p.add_argument("--num_heads", type=int, default=4, help="attention heads")
     p.add_argument("--min_group_channels", type=int, default=4, help="GroupNorm: channels per group (1: DDPM's 32)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout in residual blocks")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout in residual blocks (train.sh: 0.1)")
     p.add_argument("--num_timesteps", type=int, default=1000, help="T, the number of noising steps")
     p.add_argument("--noise_schedule", choices=("cosine", "linear"), default="cosine", help="eq. 17, or DDPM's")
     p.add_argument("--learn_sigma", action=on_off, default=True, help="learn the reverse variances (eq. 15)")
@@ -59,17 +59,17 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32, help="images per GPU (or CPU process) per step")
     p.add_argument("--microbatch", type=int, default=None, metavar="M", help="run each batch in chunks of M images")
     p.add_argument("--checkpointing", action=on_off, default=False, help="recompute activations in the backward")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup_steps", type=int, default=200, help="steps of linear learning-rate warm-up")
+    p.add_argument("--warmup_steps", type=int, default=100, help="steps of linear learning-rate warm-up")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
     p.add_argument("--ema_rate", type=float, default=0.9999, help="EMA decay, warmed up as (1+step)/(10+step)")
-    p.add_argument("--max_steps", type=int, default=2000, help="optimiser steps in all, across resumes")
+    p.add_argument("--max_steps", type=int, default=1200, help="optimiser steps in all, across resumes")
     p.add_argument("--max_minutes", type=float, default=0, help="also save and stop after this long (0: no limit)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and noise")
     p.add_argument("--out_dir", default="runs/emoji", help="checkpoints, logs and samples; resumed from if there")
     p.add_argument("--save_every", type=int, default=500, help="write OUT/ckpt.pt every N steps")
-    p.add_argument("--sample_every", type=int, default=500, help="a grid of EMA samples every N steps (0: at the end)")
+    p.add_argument("--sample_every", type=int, default=600, help="a grid of EMA samples every N steps (0: at the end)")
     p.add_argument("--num_samples", type=int, default=36, help="images in each sample grid")
     p.add_argument("--log_every", type=int, default=50, help="a row of OUT/log.csv every N steps (and at saves, grids)")
     p.add_argument("--tensorboard", action=on_off, default=False, help="also log to OUT/tensorboard/")
@@ -149,7 +149,7 @@ def main(argv=None):
                   f"{world_size} x {device}, autocast {amp_dtype}, {start}", file=sys.stderr)
         log = Log(args, step, args.max_skipped_steps if scaler.is_enabled() else 1, write=is_main)  # OUT/log.csv
         progress = tqdm(total=args.max_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True,
-                        mininterval=1 if sys.stderr.isatty() else 30)
+                        mininterval=1 if sys.stderr.isatty() else 30, smoothing=0)  # time left: grids, saves too
         start_step = step
         stop_reason = None
         while step < args.max_steps and stop_reason is None:
@@ -238,12 +238,13 @@ def load_dataset(args):
 def load_batches(dataset, args, step, rank, world_size, device):
     """Batches (x0, y) on the device, forever, from step `step` on; y is None without --class_cond."""
     sampler = shuffle_forever(len(dataset), args.seed, step * args.batch_size, rank, world_size)
+    workers = (2 if device.type == "cuda" else 0) if args.num_workers is None else args.num_workers  # CPU cores train
     # Workers forked, as on Linux before Python 3.14: its new default, forkserver, starts a server process in our
     # process group, where the SIGTERM or Ctrl-C meant for us kills it, and the workers with it
-    fork = "fork" if sys.platform == "linux" and args.num_workers > 0 else None
+    fork = "fork" if sys.platform == "linux" and workers > 0 else None
     loader = torch.utils.data.DataLoader(  # its own generator: the run's random stream is the model's alone
         dataset, args.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(0),
-        num_workers=args.num_workers, persistent_workers=args.num_workers > 0, pin_memory=device.type == "cuda",
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
         worker_init_fn=leave_process_group, multiprocessing_context=fork)
     for batch in loader:
         x0, y = batch if args.class_cond else (batch, None)
@@ -437,8 +438,7 @@ def stop_signals():
 
 
 def ranks_agree_to_stop(stop, device):
-    """Whether any rank wants to stop: all must stop at the same step (one alone would hang the others). The flag is
-    filled on the device without waiting for it; the all-reduce's result is the one value read back."""
+    """Whether any rank wants to stop: all stop at one step (one alone would hang the others). One value read back."""
     flag = torch.full((), float(stop), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

@@ -49,9 +49,10 @@ import util
 CONFIGS = {
     "demo": [],  # train.py's defaults: the CPU demo
     "small32": ["--base_channels", "64", "--channel_mult", "1,2,2,2", "--num_res_blocks", "2",
-                "--attention_resolutions", "16,8"],  # Improved DDPM's CIFAR-10 layout at a CPU-sized width
+                "--attention_resolutions", "16,8", "--dropout", "0.1"],  # Improved DDPM's CIFAR-10 layout, CPU-sized
     "anime64": ["--image_size", "64", "--base_channels", "128", "--channel_mult", "1,2,3,4", "--num_res_blocks", "2",
-                "--attention_resolutions", "16,8", "--batch_size", "64", "--lr", "1e-4"],  # train.sh's model
+                "--attention_resolutions", "16,8", "--dropout", "0.1", "--batch_size", "64", "--lr", "1e-4",
+                "--num_workers", "8"],  # train.sh's model and loader
 }
 GRID = 16  # images in a sample grid, as eval.py draws them
 
