@@ -1,7 +1,7 @@
 """
 Train an Improved DDPM (Nichol & Dhariwal 2021) on a folder of numbered PNGs 1.png ... N.png.
 
-    python train.py    # the CPU demo, the bundled emoji at 32x32: 2 cores, ~12 min with AVX-512 BF16/AMX, ~26 AVX2
+    python train.py    # the CPU demo, the bundled emoji at 32x32: 2 cores, ~6 min with AVX-512 BF16/AMX, ~14 AVX2
     sh train.sh        # the 64x64 anime-faces recipe, in the background, on every GPU (torchrun)
 
 --out_dir gets ckpt.pt (weights, EMA, optimiser, config), the one before it (ckpt.prev.pt), log.csv, loss.png and

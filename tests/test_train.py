@@ -1,4 +1,5 @@
 """train.py: the dataset's checks, exact resume, crash safety, non-finite losses and DistributedDataParallel."""
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -99,6 +100,19 @@ def test_sampler_resumes_mid_epoch_and_splits_ranks():
     assert first(23, train.shuffle_forever(20, seed=3, start=27)) == stream[27:]
     rank0, rank1 = first(10, train.shuffle_forever(20, 3, rank=0, world_size=2)), first(10, train.shuffle_forever(20, 3, rank=1, world_size=2))
     assert sorted(rank0 + rank1) == list(range(20))
+
+
+@pytest.mark.parametrize("flags, processes", [([], 0), (["--num_workers", "2"], 2)])
+def test_a_cpu_run_loads_batches_in_its_own_process_unless_told_otherwise(images, flags, processes):
+    """On a CPU the cores are training: by default no loader process competes with them; --num_workers N starts N."""
+    args = train.parse_args(["--data_dir", images, "--image_size", "16", "--batch_size", "4", *flags])
+    before = set(multiprocessing.active_children())
+    batches = train.load_batches(train.load_dataset(args), args, 0, 0, 1, torch.device("cpu"))
+    x0, y = next(batches)
+    started = set(multiprocessing.active_children()) - before
+    batches.close()
+    assert x0.shape == (4, 3, 16, 16) and y is None
+    assert len(started) == processes
 
 
 # -- training --------------------------------------------------------------------------------------------------
