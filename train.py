@@ -39,7 +39,7 @@ def parse_args(argv=None):
     on_off = argparse.BooleanOptionalAction
     p.add_argument("--data_dir", default="data/emoji", help="folder of 1.png ... N.png (see `util.py prepare`)")
     p.add_argument("--image_size", type=int, default=32, help="other sizes are centre-cropped and resized")
-    p.add_argument("--num_workers", type=int, default=None, help="loader processes (None: 2 a GPU, 0 on a CPU)")
+    p.add_argument("--num_workers", type=int, default=None, help="loader processes (None: 2 per GPU, 0 on a CPU)")
     p.add_argument("--class_cond", action=on_off, default=False, help="condition on DATA_DIR/labels.txt's classes")
     p.add_argument("--class_dropout", type=float, default=0.1, help="chance of the null label (classifier-free)")
     p.add_argument("--super_res_from", type=int, default=None, metavar="S", help="super-resolution from S x S images")
