@@ -155,3 +155,24 @@ def test_a_resume_on_a_gpu_restores_its_random_stream_on_that_gpu(fake_gpu, monk
     train.restore_random_state(checkpoint, 0, 0, util.pick_device("cuda:1"))
     assert torch.equal(torch.get_rng_state(), cpu_state)
     assert len(restored) == 1 and torch.equal(restored[0][0], gpu_state) and restored[0][1] == torch.device("cuda:1")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # torch's half-built iterator's __del__
+def test_the_loader_on_a_gpu_keeps_its_workers_and_runs_until_its_first_cuda_call(fake_gpu, monkeypatch, tmp_path):
+    """By default 2 loader processes on a GPU (none on a CPU), forked, pinning memory: set up without a word until the
+    pinning, its first real CUDA call."""
+    fake_gpu()
+    requested = []
+
+    class RecordingLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            requested.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingLoader)
+    images = write_images(str(tmp_path / "images"), 12)
+    args = train.parse_args(["--data_dir", images, "--image_size", "16", "--batch_size", "4"])
+    batches = train.load_batches(train.load_dataset(args), args, 0, 0, 1, util.pick_device("cuda"))
+    with pytest.raises(RuntimeError, match="Found no NVIDIA driver"):
+        next(batches)
+    assert requested == [2]
